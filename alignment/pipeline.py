@@ -1,0 +1,257 @@
+"""The orchestrator: stage DAG, fingerprints, run directory, skip / resume, launching stages.
+
+Each stage runs in a child process (`python -m alignment.stage`, or under `accelerate launch`)
+so stages keep their memory apart and a kill means the same thing everywhere. A stage is skipped
+when its manifest says done with the same fingerprint, resumed from its last checkpoint when it
+was cut off under the same fingerprint, and rerun from scratch when its fingerprint changed.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from alignment.recipe import BASE, Recipe, dump_recipe
+
+VERSIONED = ("torch", "transformers", "trl", "peft")
+
+
+class RunLocked(RuntimeError):
+    """Another alignkit process holds this run directory."""
+
+
+class StageFailed(RuntimeError):
+    """A stage's child process exited non-zero."""
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON so that readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        dirfd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(dirfd)
+        os.close(dirfd)
+
+
+def read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold run_dir/.lock for the whole run; a second run on the same directory is refused."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        pid = fh.read().strip() or "?"
+        fh.close()
+        raise RunLocked(f"another alignkit run (pid {pid}) is using {run_dir}; wait for it to finish or stop it") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in VERSIONED:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def stage_inputs(recipe: Recipe, name: str, fingerprints: dict[str, str]) -> dict:
+    """Everything that determines a stage's result; its hash is the stage's fingerprint."""
+    from alignment.data import dataset_digest
+    from alignment.recipe import stage_dependencies
+
+    st = recipe.stages[name]
+    return {
+        "method": st.method,
+        "from": st.from_,
+        "from_fingerprint": fingerprints.get(st.from_) if st.from_ != BASE else recipe.model.name_or_path,
+        "model": recipe.stage_model(name).model_dump(mode="json"),
+        "data": {r.name: {"weight": r.weight, "digest": dataset_digest(recipe.data[r.name])} for r in st.data},
+        "args": st.args,
+        "rewards": [r.model_dump(mode="json") for r in st.rewards],
+        "rollout": st.rollout.model_dump(mode="json") if st.rollout else None,
+        "depends_on": {d: fingerprints.get(d) for d in stage_dependencies(st)},
+        "seed": recipe.seed,
+        "versions": {k: v.split(".")[0] for k, v in versions().items()},
+    }
+
+
+def fingerprint(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two input dicts (to say why a stage is stale)."""
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+# ---------------------------------------------------------------- plan and run
+
+
+@dataclass
+class StageStatus:
+    name: str
+    method: str
+    fingerprint: str
+    state: str  # done | resume | stale | new
+    reason: str = ""
+    inputs: dict = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, recipe: Recipe, run_root: Path | str = "runs", *, console=None):
+        from rich.console import Console
+
+        self.recipe = recipe
+        self.run_dir = Path(run_root).resolve() / recipe.name
+        self.console = console or Console(highlight=False)
+
+    def manifest_path(self, name: str) -> Path:
+        return self.run_dir / name / "manifest.json"
+
+    def status(self) -> list[StageStatus]:
+        """Each stage in order, with its fingerprint and whether it is done, resumable or to run."""
+        fps: dict[str, str] = {}
+        out = []
+        for name in self.recipe.order():
+            inputs = stage_inputs(self.recipe, name, fps)
+            fp = fps[name] = fingerprint(inputs)
+            man = read_json(self.manifest_path(name))
+            method = self.recipe.stages[name].method
+            if man is None:
+                out.append(StageStatus(name, method, fp, "new", inputs=inputs))
+            elif man.get("fingerprint") != fp:
+                why = ", ".join(changed_keys(man.get("inputs", {}), inputs)) or "inputs"
+                out.append(StageStatus(name, method, fp, "stale", f"changed: {why}", inputs))
+            elif man.get("status") == "done" and (self.run_dir / name / "model").is_dir():
+                out.append(StageStatus(name, method, fp, "done", inputs=inputs))
+            else:
+                out.append(StageStatus(name, method, fp, "resume", man.get("status", ""), inputs))
+        return out
+
+    def run(self, only: Optional[str] = None, force: bool = False) -> list[dict]:
+        """Run the recipe (or `only` and the stages it needs); returns one summary row per stage."""
+        wanted = self.recipe.ancestors(only) if only else self.recipe.order()
+        forced = {only} if (force and only) else (set(wanted) if force else set())
+        with run_lock(self.run_dir):
+            (self.run_dir / "recipe.yaml").write_text(dump_recipe(self.recipe))
+            rows = []
+            for st in self.status():
+                if st.name not in wanted:
+                    continue
+                rows.append(self._run_stage(st, st.name in forced))
+            return rows
+
+    def _run_stage(self, st: StageStatus, force: bool) -> dict:
+        stage_dir = self.run_dir / st.name
+        row = {"stage": st.name, "method": st.method, "seconds": 0.0, "metrics": {}}
+        if st.state == "done" and not force:
+            man = read_json(self.manifest_path(st.name)) or {}
+            self.console.print(f"[green]✓[/] {st.name} ({st.method}): done, skipped [dim](fingerprint {st.fingerprint})[/]")
+            return {**row, "status": "skipped", "metrics": man.get("metrics", {})}
+        if st.state == "stale" or force:
+            why = "forced" if force else st.reason
+            self.console.print(f"[yellow]↻[/] {st.name}: rerunning from scratch ({why})")
+            shutil.rmtree(stage_dir, ignore_errors=True)
+        resumed = st.state == "resume" and not force and any((stage_dir / "checkpoints").glob("checkpoint-*"))
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "result.json").unlink(missing_ok=True)
+        manifest = {
+            "stage": st.name, "method": st.method, "status": "running", "fingerprint": st.fingerprint,
+            "inputs": st.inputs, "versions": versions(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "resumed": resumed,
+        }
+        write_json_atomic(self.manifest_path(st.name), manifest)
+        verb = "resuming" if resumed else "running"
+        self.console.print(f"[bold cyan]▶[/] {verb} {st.name} ({st.method}, from {self.recipe.stages[st.name].from_})")
+        start = time.time()
+        code = self._launch(st.name)
+        seconds = round(time.time() - start, 1)
+        result = read_json(stage_dir / "result.json")
+        if code != 0 or result is None or not (stage_dir / "model").is_dir():
+            manifest.update(status="failed", exit_code=code, seconds=seconds)
+            write_json_atomic(self.manifest_path(st.name), manifest)
+            raise StageFailed(f"stage '{st.name}' failed (exit code {code}) after {seconds}s; see the output above. "
+                              f"`alignkit run` again resumes it from its last checkpoint")
+        manifest.update(status="done", seconds=seconds, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        metrics=result["metrics"], info=result["info"], artifact=str(stage_dir / "model"))
+        write_json_atomic(self.manifest_path(st.name), manifest)
+        self.console.print(f"[green]✓[/] {st.name} done in {seconds}s → {stage_dir / 'model'}")
+        return {**row, "status": "resumed" if resumed else "ran", "seconds": seconds, "metrics": result["metrics"]}
+
+    def command(self, name: str) -> list[str]:
+        """The child command: plain python, or accelerate launch with the stage's config."""
+        launch = self.recipe.stage_launch(name)
+        entry = ["-m", "alignment.stage", str(self.run_dir), name]
+        if not launch.accelerate_config and not launch.num_processes:
+            return [sys.executable, *entry]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+        if launch.accelerate_config:
+            cmd += ["--config_file", launch.accelerate_config]
+        if launch.num_processes:
+            cmd += ["--num_processes", str(launch.num_processes)]
+        return cmd + list(launch.extra_args) + entry
+
+    def _launch(self, name: str) -> int:
+        proc = subprocess.Popen(self.command(name), start_new_session=True)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            # stop the whole child group (accelerate spawns workers), then report as cut off
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise

@@ -1,0 +1,450 @@
+"""The recipe: one YAML file describing a whole post-training pipeline.
+
+Strict pydantic models (`extra="forbid"`), one per section. YAML is loaded with line numbers so that
+every error names the file, the line, the key path and, for a misspelt key, the closest valid name.
+All problems are collected and raised once as a `RecipeError` (the CLI exits with code 2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import graphlib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from alignment.registry import did_you_mean
+
+BASE = "base"  # the name of the starting model in `from:` and in eval stage lists
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class QuantizationConfig(Strict):
+    """bitsandbytes quantization of the frozen base weights (QLoRA when an adapter is added)."""
+
+    bits: Literal[4, 8] = Field(4, description="4-bit (nf4/fp4) or 8-bit (LLM.int8) weights")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; ignored for 8-bit")
+    double_quant: bool = Field(True, description="quantize the quantization constants too (saves ~0.4 bit/param)")
+    compute_dtype: Optional[Dtype] = Field(None, description="matmul dtype; default: the model dtype")
+
+
+class AdapterConfig(Strict):
+    """A peft adapter trained on top of frozen base weights."""
+
+    method: Literal["lora", "dora", "rslora"] = Field("lora", description="LoRA, weight-decomposed LoRA, or rank-stabilised LoRA")
+    r: int = Field(16, gt=0, description="adapter rank")
+    alpha: float = Field(32, gt=0, description="scaling numerator (scale = alpha / r, or alpha / sqrt(r) for rslora)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: Union[str, list[str]] = Field("all-linear", description="'all-linear' or module names")
+    modules_to_save: Optional[list[str]] = Field(None, description="extra modules trained in full (e.g. a new head)")
+
+
+class ModelConfig(Strict):
+    name_or_path: str = Field(..., description="hub id, local folder, or bundled:NAME")
+    revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit)")
+    dtype: Dtype = Field("auto", description="auto = bfloat16 on a GPU that supports it, else float32")
+    attn_implementation: Optional[str] = Field(None, description="eager | sdpa | flash_attention_2; default: transformers' choice")
+    quantization: Optional[QuantizationConfig] = Field(None, description="bitsandbytes quantization of the base weights")
+    adapter: Optional[AdapterConfig] = Field(None, description="train a peft adapter instead of all weights")
+    trust_remote_code: bool = Field(False, description="allow model code from the hub")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+
+
+class ModelOverride(Strict):
+    """Per-stage override of parts of `model` (e.g. a QLoRA stage beside a LoRA one)."""
+
+    dtype: Optional[Dtype] = None
+    attn_implementation: Optional[str] = None
+    quantization: Optional[QuantizationConfig] = None
+    adapter: Optional[AdapterConfig] = None
+    gradient_checkpointing: Optional[bool] = None
+
+
+class DatasetConfig(Strict):
+    path: str = Field(..., description="local .jsonl/.json/.parquet/.csv file (relative to the recipe) or a hub dataset id")
+    split: str = Field("train", description="split of a hub dataset")
+    subset: Optional[str] = Field(None, description="configuration name of a hub dataset")
+    revision: Optional[str] = Field(None, description="hub revision")
+    columns: dict[str, str] = Field(default_factory=dict, description="rename columns {from: to} after loading")
+    max_rows: Optional[int] = Field(None, gt=0, description="keep only the first N rows")
+    unpaired: bool = Field(False, description="turn chosen/rejected pairs into unpaired rows (prompt, completion, label) for KTO")
+
+
+class DataRef(Strict):
+    name: str
+    weight: float = Field(1.0, gt=0, description="share of the mixture, relative to the other datasets")
+
+
+class RewardSpec(BaseModel):
+    """`{name: math_accuracy, weight: 1.0, <params>...}`: params bind to the reward function's keywords."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    weight: float = 1.0
+
+
+class RolloutConfig(Strict):
+    backend: Literal["auto", "hf", "vllm", "vllm-server"] = Field("auto", description="auto = vllm where it imports, else hf")
+    num_generations: int = Field(4, gt=0, description="completions per prompt")
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    url: Optional[str] = Field(None, description="vllm-server: use this running server instead of starting one")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM's share of GPU memory")
+    max_model_len: int = Field(1024, gt=0)
+
+
+class LaunchConfig(Strict):
+    accelerate_config: Optional[str] = Field(None, description="accelerate config file (relative to the recipe); null = plain python")
+    num_processes: Optional[int] = Field(None, gt=0, description="override the config's process count")
+    extra_args: list[str] = Field(default_factory=list, description="more `accelerate launch` arguments (e.g. --num_machines 2)")
+
+
+class StageConfig(Strict):
+    method: str = Field(..., description="sft | reward | dpo | kto | grpo | ppo")
+    from_: str = Field(BASE, alias="from", description="start from this stage's model (or base)")
+    data: list[DataRef] = Field(default_factory=list, description="dataset names, or a weighted mixture")
+    args: dict[str, Any] = Field(default_factory=dict, description="passed to the method's TRL config (SFTConfig, DPOConfig, ...)")
+    model: Optional[ModelOverride] = Field(None, description="override parts of the recipe's model for this stage")
+    rewards: list[RewardSpec] = Field(default_factory=list, description="reward functions (grpo, ppo)")
+    rollout: Optional[RolloutConfig] = Field(None, description="generation settings (grpo, ppo)")
+    launch: Optional[LaunchConfig] = Field(None, description="override the recipe's launch for this stage")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _names_to_refs(cls, value):
+        if isinstance(value, (str, dict)):
+            value = [value]
+        return [{"name": v} if isinstance(v, str) else v for v in value]
+
+
+class EvalConfig(Strict):
+    task: str = Field(..., description="a registered eval task (alignkit list)")
+    data: Optional[str] = Field(None, description="dataset name")
+    stages: Optional[list[str]] = Field(None, description="stages to evaluate (and base); default: base and all")
+    args: dict[str, Any] = Field(default_factory=dict, description="task parameters")
+
+
+class Recipe(Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run directory name")
+    seed: int = 42
+    model: ModelConfig
+    data: dict[str, DatasetConfig] = Field(default_factory=dict)
+    stages: dict[str, StageConfig]
+    evals: list[EvalConfig] = Field(default_factory=list)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    @model_validator(mode="after")
+    def _stage_names(self):
+        if BASE in self.stages:
+            raise ValueError(f"'{BASE}' is reserved for the starting model; rename that stage")
+        return self
+
+    def stage_model(self, stage: str) -> ModelConfig:
+        """The recipe's model with the stage's overrides applied (only keys the stage sets)."""
+        override = self.stages[stage].model
+        if override is None:
+            return self.model
+        return self.model.model_copy(update={k: getattr(override, k) for k in override.model_fields_set})
+
+    def stage_launch(self, stage: str) -> LaunchConfig:
+        return self.stages[stage].launch or self.launch
+
+    def order(self) -> list[str]:
+        """Stages in dependency order (`from:` and reward-model stages first)."""
+        graph = {name: stage_dependencies(st) for name, st in self.stages.items()}
+        return list(graphlib.TopologicalSorter(graph).static_order())
+
+    def ancestors(self, stage: str) -> list[str]:
+        """The stages `stage` needs, in order, ending with `stage` itself."""
+        needed, todo = set(), [stage]
+        while todo:
+            name = todo.pop()
+            if name not in needed:
+                needed.add(name)
+                todo.extend(stage_dependencies(self.stages[name]))
+        return [s for s in self.order() if s in needed]
+
+
+def stage_dependencies(stage: StageConfig) -> list[str]:
+    deps = [] if stage.from_ == BASE else [stage.from_]
+    deps += [r.model_extra["stage"] for r in stage.rewards if r.name == "reward_model" and "stage" in (r.model_extra or {})]
+    return deps
+
+
+# ---------------------------------------------------------------- errors with file:line
+
+
+@dataclasses.dataclass
+class Problem:
+    path: tuple
+    message: str
+    line: Optional[int] = None
+
+
+class RecipeError(Exception):
+    """One or more problems in a recipe; str() lists them all, each with file:line."""
+
+    def __init__(self, file: str, problems: list[Problem]):
+        self.file, self.problems = file, problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [f"{len(self.problems)} problem(s) in recipe {self.file}:" if len(self.problems) > 1 else f"invalid recipe {self.file}:"]
+        for p in self.problems:
+            where = f"{self.file}:{p.line}" if p.line else self.file
+            key = ".".join(str(x) for x in p.path)
+            lines.append(f"  {where}: {key + ': ' if key else ''}{p.message}")
+        return "\n".join(lines)
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (a silent override is a classic recipe bug)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}' (first on line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _line_map(node, path=(), out=None) -> dict[tuple, int]:
+    """Path tuple -> 1-based line of the key (mappings) or item (sequences)."""
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            sub = path + (key_node.value,)
+            out[sub] = key_node.start_mark.line + 1
+            _line_map(value_node, sub, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[path + (i,)] = item.start_mark.line + 1
+            _line_map(item, path + (i,), out)
+    return out
+
+
+def _line_for(lines: dict[tuple, int], path: tuple) -> Optional[int]:
+    for n in range(len(path), 0, -1):
+        if path[:n] in lines:
+            return lines[path[:n]]
+    return None
+
+
+def _is_model(cls) -> bool:
+    return isinstance(cls, type) and issubclass(cls, BaseModel)
+
+
+def _field_name(cls, key) -> str:
+    for name, field in cls.model_fields.items():
+        if key in (name, field.alias):
+            return name
+    return str(key)
+
+
+def _unwrap(annotation):
+    """Optional[X] -> X; list[X] / dict[K, X] are kept for the caller to step into."""
+    if get_origin(annotation) is Union:
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        models = [a for a in args if _is_model(a) or get_origin(a) in (list, dict)]
+        return models[0] if models else args[0]
+    return annotation
+
+
+def _valid_keys(path: tuple) -> list[str]:
+    """Valid key names at the level of `path`'s last part."""
+    cls: Any = Recipe
+    parts = list(path[:-1])
+    while parts:
+        part = parts.pop(0)
+        if not _is_model(cls):
+            return []
+        field = cls.model_fields.get(_field_name(cls, part))
+        if field is None:
+            return []
+        cls = _unwrap(field.annotation)
+        while get_origin(cls) in (dict, list) and parts:
+            parts.pop(0)  # the dict key or list index
+            cls = _unwrap(get_args(cls)[-1])
+    if not _is_model(cls):
+        return []
+    return [f.alias or n for n, f in cls.model_fields.items()]
+
+
+def _pydantic_problems(err: ValidationError, lines) -> list[Problem]:
+    problems = []
+    for e in err.errors():
+        path = tuple(x for x in e["loc"] if not (isinstance(x, str) and x[:1].isupper() and "[" in x or x in ("function-after", "function-before")))
+        if e["type"] == "extra_forbidden":
+            key = path[-1]
+            msg = f"unknown key '{key}'{did_you_mean(str(key), _valid_keys(path))}"
+        elif e["type"] == "missing":
+            msg = f"missing required key '{path[-1]}'"
+        else:
+            msg = e["msg"]
+            if "input" in e and not isinstance(e["input"], (dict, list)):
+                msg += f" (got {e['input']!r})"
+        problems.append(Problem(path, msg, _line_for(lines, path)))
+    return problems
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, *, check_args: bool = True) -> Recipe:
+    """Parse and validate a recipe file; relative data/launch paths become absolute.
+
+    Raises RecipeError listing every problem found, each with file:line.
+    """
+    path = Path(path)
+    file = str(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RecipeError(file, [Problem((), f"cannot read: {e.strerror}")]) from None
+    try:
+        node = yaml.compose(text, Loader=_LineLoader)
+        raw = yaml.load(text, Loader=_LineLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        msg = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise RecipeError(file, [Problem((), f"bad YAML: {msg}", mark.line + 1 if mark else None)]) from None
+    if not isinstance(raw, dict):
+        raise RecipeError(file, [Problem((), "a recipe is a YAML mapping (name:, model:, stages:, ...)", 1)])
+    lines = _line_map(node)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(file, _pydantic_problems(e, lines)) from None
+    problems = check_recipe(recipe, check_args=check_args)
+    for p in problems:
+        p.line = p.line or _line_for(lines, p.path)
+    if problems:
+        raise RecipeError(file, problems)
+    _absolutize(recipe, path.parent.resolve())
+    return recipe
+
+
+def _absolutize(recipe: Recipe, base: Path) -> None:
+    for ds in recipe.data.values():
+        local = base / ds.path
+        if local.exists() or ds.path.startswith((".", "/")) or Path(ds.path).suffix in DATA_SUFFIXES:
+            ds.path = str(local.resolve())
+    for launch in [recipe.launch] + [s.launch for s in recipe.stages.values() if s.launch]:
+        if launch.accelerate_config:
+            cfg = base / launch.accelerate_config
+            launch.accelerate_config = str(cfg.resolve() if cfg.exists() else cfg)
+    name = recipe.model.name_or_path
+    if not name.startswith("bundled:") and (base / name).is_dir():
+        recipe.model.name_or_path = str((base / name).resolve())
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def check_recipe(recipe: Recipe, *, check_args: bool = True) -> list[Problem]:
+    """Cross-field rules: stage references, cycles, data names, methods, TRL args, reward names."""
+    from alignment.stages import STAGES, load_stages
+
+    load_stages()
+    problems: list[Problem] = []
+    stages = recipe.stages
+    for name, st in stages.items():
+        where = ("stages", name)
+        if st.method not in STAGES:
+            problems.append(Problem(where + ("method",), f"unknown method '{st.method}'{did_you_mean(st.method, STAGES.names())}; known: {', '.join(STAGES.names())}"))
+        if st.from_ != BASE and st.from_ not in stages:
+            problems.append(Problem(where + ("from",), f"'{st.from_}' is not a stage of this recipe{did_you_mean(st.from_, list(stages) + [BASE])}; stages: {', '.join([BASE] + list(stages))}"))
+        for i, ref in enumerate(st.data):
+            if ref.name not in recipe.data:
+                problems.append(Problem(where + ("data", i), f"dataset '{ref.name}' is not defined under data:{did_you_mean(ref.name, recipe.data)}; defined: {', '.join(recipe.data) or 'none'}"))
+        for i, r in enumerate(st.rewards):
+            dep = (r.model_extra or {}).get("stage")
+            if r.name == "reward_model" and dep not in stages:
+                problems.append(Problem(where + ("rewards", i, "stage"), f"reward_model needs `stage:` naming a reward stage of this recipe (got {dep!r})"))
+        if st.method in STAGES:
+            method = STAGES.get(st.method)
+            if check_args and method.config_class is not None:
+                problems += _check_args(method.config_class(), st.args, where + ("args",))
+            problems += method.check(recipe, name) if method.check else []
+    if not problems:
+        try:
+            recipe.order()
+        except graphlib.CycleError as e:
+            cycle = " -> ".join(e.args[1])
+            problems.append(Problem(("stages", e.args[1][0]), f"stages form a cycle: {cycle}"))
+    known = set(stages) | {BASE}
+    for i, ev in enumerate(recipe.evals):
+        for j, s in enumerate(ev.stages or []):
+            if s not in known:
+                problems.append(Problem(("evals", i, "stages", j), f"'{s}' is not a stage{did_you_mean(s, known)}"))
+        if ev.data is not None and ev.data not in recipe.data:
+            problems.append(Problem(("evals", i, "data"), f"dataset '{ev.data}' is not defined under data:{did_you_mean(ev.data, recipe.data)}"))
+    problems += _check_plugins(recipe)
+    return problems
+
+
+# Keys alignkit sets itself; a recipe setting them would be silently overridden.
+RESERVED_ARGS = {"output_dir", "resume_from_checkpoint", "report_to", "overwrite_output_dir"}
+
+
+def _check_args(config_class, args: dict, path: tuple) -> list[Problem]:
+    fields = {f.name for f in dataclasses.fields(config_class) if f.init}
+    problems = []
+    for key in args:
+        if key in RESERVED_ARGS:
+            problems.append(Problem(path + (key,), f"'{key}' is set by alignkit (the run directory); remove it"))
+        elif key not in fields:
+            problems.append(Problem(path + (key,), f"unknown {config_class.__name__} argument '{key}'{did_you_mean(key, fields)}"))
+    return problems
+
+
+def _check_plugins(recipe: Recipe) -> list[Problem]:
+    """Reward and eval names exist (when those registries are importable)."""
+    problems = []
+    try:
+        from rewards import REWARDS, build_reward
+    except ImportError:
+        REWARDS = None
+    if REWARDS is not None:
+        for name, st in recipe.stages.items():
+            for i, r in enumerate(st.rewards):
+                spec = {"name": r.name, "weight": r.weight, **(r.model_extra or {})}
+                try:
+                    build_reward(spec)
+                except (KeyError, ValueError, TypeError, ImportError) as e:
+                    msg = e.args[0] if e.args else str(e)
+                    problems.append(Problem(("stages", name, "rewards", i, "name"), str(msg)))
+    try:
+        from evals import TASKS
+    except ImportError:
+        TASKS = None
+    if TASKS is not None:
+        for i, ev in enumerate(recipe.evals):
+            if ev.task not in TASKS:
+                problems.append(Problem(("evals", i, "task"), f"unknown eval task '{ev.task}'{did_you_mean(ev.task, TASKS.names())}; known: {', '.join(TASKS.names())}"))
+    return problems
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe (all defaults filled) as YAML, written into each run directory."""
+    return yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def parse_resolved(text: str) -> Recipe:
+    """Load a recipe written by dump_recipe (already validated and absolute)."""
+    return Recipe.model_validate(yaml.safe_load(text))

@@ -1,0 +1,42 @@
+"""Child-process entry of one stage: `python -m alignment.stage RUN_DIR STAGE`.
+
+The orchestrator (pipeline.py) starts it plainly or under `accelerate launch`; it reads the
+resolved recipe from the run directory, runs the registered method and, on the main process,
+writes STAGE/result.json. The manifest stays the orchestrator's to write.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m alignment.stage RUN_DIR STAGE", file=sys.stderr)
+        return 2
+    run_dir, name = Path(argv[0]), argv[1]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import transformers
+
+    from alignment.pipeline import write_json_atomic
+    from alignment.recipe import parse_resolved
+    from alignment.stages import STAGES, StageContext, load_stages
+
+    transformers.logging.set_verbosity_warning()
+    recipe = parse_resolved((run_dir / "recipe.yaml").read_text())
+    load_stages()
+    transformers.set_seed(recipe.seed + int(os.environ.get("RANK", 0)) * 100003)
+    ctx = StageContext(recipe=recipe, name=name, run_dir=run_dir)
+    ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+    result = STAGES.get(recipe.stages[name].method)(ctx)
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_json_atomic(ctx.stage_dir / "result.json", {"metrics": result.metrics, "info": result.info})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

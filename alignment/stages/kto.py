@@ -1,0 +1,36 @@
+"""Kahneman-Tversky optimisation over TRL's KTOTrainer (Ethayarajh et al., 2024).
+
+Learns from unpaired feedback: rows of `prompt`, `completion`, `label` (true = desirable). A paired
+dataset (`chosen` / `rejected`) becomes two unpaired rows per pair with `unpaired: true` on the
+dataset in the recipe's `data:` section. Reference = the `from` stage's model, as for DPO.
+
+    alignkit run recipes/quickstart/arith.yaml --stage kto
+"""
+from __future__ import annotations
+
+from alignment.stages import StageContext, StageResult, stage
+
+
+def _config():
+    from trl import KTOConfig
+
+    return KTOConfig
+
+
+@stage("kto", config=_config, formats=("unpaired",))
+def run(ctx: StageContext) -> StageResult:
+    from trl import KTOConfig, KTOTrainer
+
+    tokenizer = ctx.tokenizer()
+    trainer = KTOTrainer(
+        model=ctx.load_model(),
+        ref_model=None,
+        args=ctx.trl_config(KTOConfig),
+        train_dataset=ctx.dataset(),
+        processing_class=tokenizer,
+        peft_config=ctx.peft_config(),
+        callbacks=ctx.callbacks(),
+    )
+    metrics = ctx.train(trainer)
+    ctx.save(trainer, tokenizer)
+    return StageResult(metrics=metrics)

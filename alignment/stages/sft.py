@@ -1,0 +1,36 @@
+"""Supervised fine-tuning: next-token loss on demonstrations, over TRL's SFTTrainer.
+
+Data: `messages` (chat), `prompt`/`completion` (loss on the completion only, TRL's default) or
+plain `text`. Adapters (LoRA / DoRA / rsLoRA) and QLoRA come from the recipe's `model` section.
+
+    alignkit run recipes/quickstart/arith.yaml --stage sft
+"""
+from __future__ import annotations
+
+from alignment.stages import StageContext, StageResult, stage
+
+
+def _config():
+    from trl import SFTConfig
+
+    return SFTConfig
+
+
+@stage("sft", config=_config, formats=("messages", "prompt_completion", "text"))
+def run(ctx: StageContext) -> StageResult:
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = ctx.tokenizer()
+    train = ctx.dataset()
+    args = ctx.trl_config(SFTConfig, max_length=1024)
+    trainer = SFTTrainer(
+        model=ctx.load_model(),
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=ctx.peft_config(),
+        callbacks=ctx.callbacks(),
+    )
+    metrics = ctx.train(trainer)
+    ctx.save(trainer, tokenizer)
+    return StageResult(metrics=metrics)

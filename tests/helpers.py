@@ -1,0 +1,48 @@
+"""Helpers for tests: write small datasets and recipes next to each other in a tmp folder."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import yaml
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sum_rows(n: int, seed: int = 0) -> list[dict]:
+    """prompt/completion chat rows 'What is a+b?' -> 'a+b' for a, b in 1..9."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        rows.append({"prompt": [{"role": "user", "content": f"{a}+{b}="}],
+                     "completion": [{"role": "assistant", "content": str(a + b)}]})
+    return rows
+
+
+def write_recipe(folder: Path, model_path, stages: dict, *, data: dict | None = None, **top) -> Path:
+    """A recipe YAML in `folder` over the tiny model, with an `sft` dataset of sums by default."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        write_jsonl(folder / "sft.jsonl", sum_rows(64))
+        data = {"sft": {"path": "sft.jsonl"}}
+    recipe = {"name": top.pop("name", "t"), "seed": 0,
+              "model": {"name_or_path": str(model_path), "dtype": "float32", **top.pop("model", {})},
+              "data": data, "stages": stages, **top}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def metrics(run_dir: Path, stage: str) -> list[dict]:
+    path = Path(run_dir) / stage / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses(run_dir: Path, stage: str, key: str = "loss") -> list[float]:
+    return [m[key] for m in metrics(run_dir, stage) if key in m]

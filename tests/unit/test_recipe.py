@@ -1,0 +1,140 @@
+"""Recipe schema: every error names the file, the line, the key, and the closest valid name."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+from alignment.cli import app
+from alignment.recipe import RecipeError, load_recipe
+
+GOOD = """\
+name: demo
+model:
+  name_or_path: some/model
+  adapter: {method: lora, r: 8}
+data:
+  sft: {path: sft.jsonl}
+  pairs: {path: pairs.jsonl}
+stages:
+  sft:
+    method: sft
+    data: [sft]
+    args: {learning_rate: 1.0e-3, max_steps: 3}
+  dpo:
+    method: dpo
+    from: sft
+    data: [pairs]
+    args: {beta: 0.1}
+"""
+
+
+def write(tmp_path, text, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def error_of(path) -> str:
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path)
+    return str(exc.value)
+
+
+def test_good_recipe_loads_with_defaults_and_absolute_paths(tmp_path):
+    r = load_recipe(write(tmp_path, GOOD))
+    assert r.order() == ["sft", "dpo"]
+    assert r.stages["dpo"].from_ == "sft"
+    assert r.model.adapter.alpha == 32  # default filled
+    assert r.data["sft"].path == str(tmp_path / "sft.jsonl")  # relative to the recipe file
+
+
+def test_misspelt_key_names_file_line_and_closest(tmp_path):
+    p = write(tmp_path, GOOD.replace("  adapter: {method: lora, r: 8}", "  adaptor: {method: lora, r: 8}"))
+    msg = error_of(p)
+    assert f"{p}:4" in msg and "model.adaptor" in msg and "did you mean 'adapter'" in msg
+
+
+def test_misspelt_nested_key(tmp_path):
+    p = write(tmp_path, GOOD.replace("    method: dpo\n", "    method: dpo\n    form: sft\n"))
+    msg = error_of(p)
+    assert f"{p}:15" in msg and "stages.dpo.form" in msg and "did you mean 'from'" in msg
+
+
+def test_unknown_trl_arg_is_checked_against_the_methods_config(tmp_path):
+    p = write(tmp_path, GOOD.replace("learning_rate: 1.0e-3", "learnig_rate: 1.0e-3"))
+    msg = error_of(p)
+    assert f"{p}:12" in msg and "unknown SFTConfig argument 'learnig_rate'" in msg
+    assert "did you mean 'learning_rate'" in msg
+
+
+def test_dpo_arg_checked_against_dpo_config(tmp_path):
+    p = write(tmp_path, GOOD.replace("beta: 0.1", "betta: 0.1"))
+    msg = error_of(p)
+    assert "DPOConfig" in msg and "'betta'" in msg and "did you mean 'beta'" in msg and f"{p}:17" in msg
+
+
+def test_reserved_arg_refused(tmp_path):
+    msg = error_of(write(tmp_path, GOOD.replace("max_steps: 3", "output_dir: /tmp/x")))
+    assert "'output_dir' is set by alignkit" in msg
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    p = write(tmp_path, GOOD.replace("    method: sft\n", "    method: [sft\n"))
+    msg = error_of(p)
+    assert "bad YAML" in msg and f"{p}:" in msg
+
+
+def test_duplicate_key_is_an_error(tmp_path):
+    p = write(tmp_path, GOOD.replace("    method: sft\n", "    method: sft\n    method: dpo\n"))
+    assert "duplicate key 'method'" in error_of(p)
+
+
+def test_from_missing_stage(tmp_path):
+    msg = error_of(write(tmp_path, GOOD.replace("from: sft", "from: stf")))
+    assert "'stf' is not a stage" in msg and "did you mean 'sft'" in msg and "stages.dpo.from" in msg
+
+
+def test_cycle(tmp_path):
+    text = GOOD.replace("    method: sft\n", "    method: sft\n    from: dpo\n")
+    msg = error_of(write(tmp_path, text))
+    assert "cycle" in msg and "sft" in msg and "dpo" in msg
+
+
+def test_undefined_data_name(tmp_path):
+    msg = error_of(write(tmp_path, GOOD.replace("data: [pairs]", "data: [pair]")))
+    assert "dataset 'pair' is not defined" in msg and "did you mean 'pairs'" in msg and ":16" in msg
+
+
+def test_unknown_method(tmp_path):
+    msg = error_of(write(tmp_path, GOOD.replace("method: dpo", "method: dpoo")))
+    assert "unknown method 'dpoo'" in msg and "did you mean 'dpo'" in msg
+
+
+def test_wrong_type_and_missing_key(tmp_path):
+    text = GOOD.replace("r: 8", "r: -3").replace("name: demo\n", "")
+    msg = error_of(write(tmp_path, text))
+    assert "missing required key 'name'" in msg
+    assert "model.adapter.r" in msg and "greater than 0" in msg
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    text = GOOD.replace("learning_rate", "learnig_rate").replace("data: [pairs]", "data: [pair]")
+    msg = error_of(write(tmp_path, text))
+    assert "2 problem(s)" in msg
+
+
+def test_stage_model_override(tmp_path):
+    text = GOOD + "    model: {quantization: {bits: 4}, adapter: {method: dora, r: 4}}\n"
+    r = load_recipe(write(tmp_path, text))
+    m = r.stage_model("dpo")
+    assert m.quantization.bits == 4 and m.adapter.method == "dora" and m.name_or_path == "some/model"
+    assert r.stage_model("sft").quantization is None
+
+
+def test_cli_validate_exits_2_with_the_message(tmp_path):
+    p = write(tmp_path, GOOD.replace("from: sft", "from: stf"))
+    res = CliRunner().invoke(app, ["validate", str(p)])
+    assert res.exit_code == 2
+    assert "'stf' is not a stage" in res.output
