@@ -164,6 +164,7 @@ HEADS = {
     "causal_lm": "AutoModelForCausalLM",
     "sequence_classification": "AutoModelForSequenceClassification",
 }
+HEAD_KWARGS = {"sequence_classification": {"num_labels": 1}}  # reward models: one scalar
 
 
 def load_model(path: str, cfg: ModelConfig, *, head: str = "causal_lm", **kwargs):
@@ -171,7 +172,7 @@ def load_model(path: str, cfg: ModelConfig, *, head: str = "causal_lm", **kwargs
     import transformers
 
     dtype = torch_dtype(cfg.dtype)
-    options = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    options = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, **{**HEAD_KWARGS.get(head, {}), **kwargs})
     if cfg.revision and not Path(path).is_dir():
         options["revision"] = cfg.revision
     if cfg.attn_implementation:
@@ -246,7 +247,8 @@ def _merge_adapter(model_dir: Path, merged: Path, meta: dict) -> None:
     import transformers
     from peft import PeftModel
 
-    base = getattr(transformers, HEADS[meta["head"]]).from_pretrained(meta["base"], dtype=torch.float32)
+    head_kwargs = HEAD_KWARGS.get(meta["head"], {})
+    base = getattr(transformers, HEADS[meta["head"]]).from_pretrained(meta["base"], dtype=torch.float32, **head_kwargs)
     model = PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload()
     tokenizer = load_tokenizer(str(model_dir))
     if model.config.pad_token_id is None:

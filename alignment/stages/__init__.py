@@ -124,7 +124,10 @@ class StageContext:
 
         from alignment.models import torch_dtype
 
-        bf16 = torch_dtype(self.model_cfg.dtype) == torch.bfloat16 and torch.cuda.is_available()
+        # TRL casts QLoRA's trainable weights to bf16 (QLoRA paper); bf16 autocast keeps the
+        # float32 activations of a CPU run compatible with them (e.g. a reward model's new head).
+        bf16 = (torch_dtype(self.model_cfg.dtype) == torch.bfloat16 and torch.cuda.is_available()) or (
+            self.model_cfg.quantization is not None and self.model_cfg.quantization.bits == 4)
         values = dict(
             logging_steps=1,
             save_strategy="steps",
@@ -132,6 +135,7 @@ class StageContext:
             save_total_limit=2,
             seed=self.recipe.seed,
             bf16=bf16,
+            use_cpu=not torch.cuda.is_available(),
             disable_tqdm=True,
             gradient_checkpointing=self.model_cfg.gradient_checkpointing,
         )

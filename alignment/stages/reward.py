@@ -22,7 +22,7 @@ def run(ctx: StageContext) -> StageResult:
     from trl import RewardConfig, RewardTrainer
 
     tokenizer = ctx.tokenizer()
-    model = ctx.load_model(head="sequence_classification", num_labels=1)
+    model = ctx.load_model(head="sequence_classification")
     model.config.pad_token_id = tokenizer.pad_token_id
     trainer = RewardTrainer(
         model=model,
