@@ -94,7 +94,9 @@ def _summary(rows: list[dict], run_dir: Path) -> None:
 def validate(recipe: Path = RecipeArg):
     """Check RECIPE: schema, TRL args, stage references, data files and columns, reward names."""
     rec = _load(recipe, check_data=True)
-    console.print(f"[green]✓[/] {recipe}: {len(rec.stages)} stage(s) ({' → '.join(rec.order())}), {len(rec.data)} dataset(s) checked")
+    used = {r.name for st in rec.stages.values() for r in st.data}
+    console.print(f"[green]✓[/] {recipe}: {len(rec.stages)} stage(s) ({' → '.join(rec.order())}), "
+                  f"{len(used)} training dataset(s) checked row by row")
 
 
 @app.command()

@@ -264,3 +264,38 @@ def load_pretrained(model_dir: Path | str, *, dtype="float32", head: Optional[st
         path = full_weights(path)
     cfg = ModelConfig(name_or_path=str(path), dtype=dtype)
     return load_model(str(path), cfg, head=head or "causal_lm")
+
+
+class RewardScorer:
+    """Scores (prompt, completion) pairs with a reward stage's sequence-classification model.
+
+    Prompts and completions may be strings or chat messages; chat goes through the template, as
+    in RewardTrainer. Returns one float per pair (the head's output at the last token).
+    """
+
+    def __init__(self, model_dir: Path | str, *, batch_size: int = 16):
+        import torch
+
+        self.tokenizer = load_tokenizer(str(model_dir))
+        self.tokenizer.padding_side = "right"
+        self.model = load_pretrained(model_dir, head="sequence_classification").eval()
+        self.model.to("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = batch_size
+
+    def text(self, prompt, completion) -> str:
+        if isinstance(prompt, list):
+            completion = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+            return self.tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        return prompt + (completion if isinstance(completion, str) else completion[0]["content"])
+
+    def __call__(self, prompts, completions) -> list[float]:
+        import torch
+
+        texts = [self.text(p, c) for p, c in zip(prompts, completions)]
+        scores = []
+        for i in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                out = self.model(**batch.to(self.model.device)).logits[:, 0]
+            scores += out.float().tolist()
+        return scores

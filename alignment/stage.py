@@ -31,11 +31,20 @@ def main(argv: list[str] | None = None) -> int:
     load_stages()
     transformers.set_seed(recipe.seed + int(os.environ.get("RANK", 0)) * 100003)
     ctx = StageContext(recipe=recipe, name=name, run_dir=run_dir)
+    _install_reward_model_loader(run_dir)
     ctx.stage_dir.mkdir(parents=True, exist_ok=True)
     result = STAGES.get(recipe.stages[name].method)(ctx)
     if int(os.environ.get("RANK", 0)) == 0:
         write_json_atomic(ctx.stage_dir / "result.json", {"metrics": result.metrics, "info": result.info})
     return 0
+
+
+def _install_reward_model_loader(run_dir: Path) -> None:
+    """`rewards: [{name: reward_model, stage: rm}]` scores with this run's `rm` artifact."""
+    from alignment.models import RewardScorer
+    from rewards.model import set_stage_model_loader
+
+    set_stage_model_loader(lambda stage: RewardScorer(run_dir / stage / "model"))
 
 
 if __name__ == "__main__":
