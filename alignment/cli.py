@@ -4,6 +4,7 @@ Exit codes: 0 ok, 1 a stage failed or the run directory is busy, 2 bad recipe or
 """
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -76,6 +77,15 @@ def run(
         err.print("[yellow]interrupted[/]: `alignkit run` again resumes from the last checkpoint")
         raise typer.Exit(130) from None
     _summary(rows, pipe.run_dir)
+    if rec.evals:
+        stages = rec.ancestors(stage) if stage else []
+        code = subprocess.call([sys.executable, "-m", "evals", str(pipe.run_dir), *stages])
+        if code != 0:
+            raise typer.Exit(1)
+    elif stage is None:
+        from evals import write_report
+
+        console.print(f"report: [bold]{write_report(pipe.run_dir)}[/]")
 
 
 def _summary(rows: list[dict], run_dir: Path) -> None:
@@ -142,6 +152,16 @@ def list_():
         pass
     console.print("[bold]rollout backends[/]: auto, hf, vllm, vllm-server")
     console.print(f"[bold]bundled models[/]: {', '.join('bundled:' + n for n in BUNDLED)}")
+
+
+def _register_eval_commands() -> None:
+    from evals.cli import eval_cmd, report_cmd
+
+    app.command("eval", help="Evaluate a run's stages (or any model) on the recipe's eval tasks.")(eval_cmd)
+    app.command("report", help="Write report/index.html and report.md for a run directory.")(report_cmd)
+
+
+_register_eval_commands()
 
 
 def main() -> None:

@@ -430,13 +430,15 @@ def _check_plugins(recipe: Recipe) -> list[Problem]:
                     msg = e.args[0] if e.args else str(e)
                     problems.append(Problem(("stages", name, "rewards", i, "name"), str(msg)))
     try:
-        from evals import TASKS
+        from evals import TASKS, check_task_args
     except ImportError:
         TASKS = None
     if TASKS is not None:
         for i, ev in enumerate(recipe.evals):
             if ev.task not in TASKS:
                 problems.append(Problem(("evals", i, "task"), f"unknown eval task '{ev.task}'{did_you_mean(ev.task, TASKS.names())}; known: {', '.join(TASKS.names())}"))
+            else:
+                problems += [Problem(("evals", i, "args"), msg) for msg in check_task_args(ev.task, ev.args, has_data=ev.data is not None)]
     return problems
 
 

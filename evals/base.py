@@ -1,0 +1,437 @@
+"""What an eval task is handed (`EvalContext`) and what it returns (`EvalResult`), and the shared
+model work: generation (through `alignment.rollout`), per-token log-probs, reward-model scores.
+
+A task is `fn(ctx: EvalContext, **args) -> EvalResult`, registered with `@task("name")`; the
+recipe's `evals[i].args` bind to its keywords, except the context keys (`CONTEXT_ARGS`) that pick
+the generation engine. Heavy imports (torch, transformers) happen inside the functions that use them.
+"""
+from __future__ import annotations
+
+import gc
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
+
+from alignment.registry import Registry, did_you_mean
+
+
+@dataclass
+class EvalResult:
+    """One task's numbers on one model.
+
+    `metrics` are flat floats (`{"accuracy": 0.75, "pass@4": 0.9}`); `samples` are rows for the
+    report (`prompt`, `completion`, `answer`, `correct` or `score`); `main` is the headline metric
+    (tables, bar chart; default: the first); `higher_is_better` colors deltas (metrics it does not
+    name are neutral); `skipped` says why a task did not run on this model.
+    """
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+    main: Optional[str] = None
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+    skipped: Optional[str] = None
+
+    def to_json(self, max_samples: int = 8) -> dict:
+        out = {"metrics": {k: float(v) for k, v in self.metrics.items()}, "samples": self.samples[:max_samples],
+               "main": self.main or next(iter(self.metrics), None), "higher_is_better": self.higher_is_better}
+        if self.skipped:
+            out["skipped"] = self.skipped
+        return out
+
+
+class EvalTask(Protocol):
+    def __call__(self, ctx: "EvalContext", **args: Any) -> EvalResult: ...
+
+
+TASKS: Registry[EvalTask] = Registry("eval task")
+
+# eval `args` read by the context rather than the task: the generation engine and its batch size
+CONTEXT_ARGS = {"backend": ("auto", "hf", "vllm", "vllm-server"), "batch_size": None}
+DEFAULT_BACKEND = "auto"
+DEFAULT_BATCH_SIZE = 16
+
+
+def task(name: str, *, needs_data: bool = True) -> Callable[[EvalTask], EvalTask]:
+    """Register an eval task; `needs_data=False` for tasks that bring their own (lm_eval)."""
+
+    def decorator(fn):
+        fn.needs_data = needs_data
+        return TASKS.register(name)(fn)
+
+    return decorator
+
+
+def task_params(fn: EvalTask) -> dict[str, inspect.Parameter]:
+    """The task's settable keywords (everything after `ctx`)."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_task_args(name: str, args: dict, *, has_data: bool) -> list[str]:
+    """Problems with one eval entry: unknown task, unknown / missing args, no dataset. [] = fine."""
+    if name not in TASKS:
+        return [f"unknown eval task '{name}'{did_you_mean(name, TASKS.names())}; known: {', '.join(TASKS.names())}"]
+    fn = TASKS.get(name)
+    params = task_params(fn)
+    problems = []
+    for key, value in args.items():
+        if key in CONTEXT_ARGS:
+            choices = CONTEXT_ARGS[key]
+            if choices and value not in choices:
+                problems.append(f"eval '{name}': {key} must be one of {', '.join(choices)} (got {value!r})")
+            elif key == "batch_size" and not (isinstance(value, int) and value > 0):
+                problems.append(f"eval '{name}': batch_size must be a positive integer (got {value!r})")
+        elif key not in params:
+            valid = list(params) + list(CONTEXT_ARGS)
+            problems.append(f"eval '{name}' has no argument '{key}'{did_you_mean(key, valid)}; its arguments: {', '.join(valid)}")
+    for key, p in params.items():
+        if p.default is inspect.Parameter.empty and key not in args:
+            problems.append(f"eval '{name}' needs argument '{key}' (add `{key}: ...` under its args)")
+    if getattr(fn, "needs_data", True) and not has_data:
+        problems.append(f"eval '{name}' needs a dataset: add `data: NAME` naming one under data:")
+    return problems
+
+
+# ---------------------------------------------------------------- prompts and tokens
+
+
+def prompt_text(prompt) -> str:
+    """A prompt for display: a string as is, a conversation's last user message."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m for m in prompt if m.get("role") == "user"] or prompt
+    return str(users[-1].get("content", "")) if users else ""
+
+
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """Token ids of a prompt: a string as is (with the tokenizer's own special tokens); a
+    conversation through the chat template with the assistant turn opened -- as `alignment.rollout`."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_pair(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) the way TRL's SFT/DPO trainers build them.
+
+    Strings: the completion gets EOS appended. Conversations: the completion is what the chat
+    template writes after the prompt's opened assistant turn, up to and including EOS.
+    """
+    from rewards.base import completion_text
+
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    if isinstance(prompt, str):
+        text = completion_text(completion)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return prompt_ids, ids + [tokenizer.eos_token_id]
+    messages = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+    full = tokenizer.apply_chat_template(list(prompt) + list(messages), tokenize=False)
+    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    if full.startswith(head):
+        tail = full[len(head):]
+    else:  # a template that rewrites earlier turns: fall back to the content and EOS
+        tail = completion_text(messages) + tokenizer.eos_token
+    eos = tokenizer.eos_token
+    if eos and eos in tail:  # drop what the template writes after EOS (ChatML's newline)
+        tail = tail[: tail.rindex(eos) + len(eos)]
+    return prompt_ids, tokenizer(tail, add_special_tokens=False)["input_ids"]
+
+
+def split_messages(messages: list[dict]) -> tuple[list[dict], list[dict]]:
+    """A conversation -> (prompt turns, the final assistant turn)."""
+    if messages and messages[-1].get("role") == "assistant":
+        return messages[:-1], messages[-1:]
+    raise ValueError(f"a messages row must end with an assistant turn, got role {messages[-1].get('role')!r}")
+
+
+def chat_text(tokenizer, prompt, completion: str) -> list[int]:
+    """Token ids of prompt + completion as TRL's RewardTrainer tokenizes them (for a reward model)."""
+    if isinstance(prompt, str):
+        eos = tokenizer.eos_token or ""
+        text = prompt + completion
+        return tokenizer(text if text.endswith(eos) else text + eos)["input_ids"]
+    messages = list(prompt) + [{"role": "assistant", "content": completion}]
+    return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------- generation
+
+
+@dataclass
+class Generation:
+    """One completion: text (special tokens skipped), its token ids (with the stop token, if any)."""
+
+    text: str
+    completion_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+
+
+class _HFGenerator:
+    """Left-padded batched `generate`: the fallback while `alignment.rollout` is unavailable."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, n: int, temperature: float, seed: int):
+        import torch
+
+        tok, model = self.tokenizer, self.model
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        rows = [ids for ids in prompts for _ in range(n)]
+        width = max(len(ids) for ids in rows)
+        device = next(model.parameters()).device
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 pad_token_id=pad, eos_token_id=tok.eos_token_id, **sampling)
+        gens = []
+        for tokens in out[:, width:].tolist():
+            stop = tokens.index(tok.eos_token_id) + 1 if tok.eos_token_id in tokens else len(tokens)
+            finish = "stop" if tok.eos_token_id in tokens else "length"
+            gens.append(Generation(tok.decode(tokens[:stop], skip_special_tokens=True), tokens[:stop], finish))
+        return [gens[i:i + n] for i in range(0, len(gens), n)]
+
+    def close(self):
+        self.model = None
+
+
+class _RolloutGenerator:
+    """An `alignment.rollout` engine behind the same call as `_HFGenerator`."""
+
+    def __init__(self, engine):
+        self.engine, self.name = engine, engine.name
+
+    def generate(self, prompts, max_new_tokens, n, temperature, seed):
+        from alignment.rollout import SamplingConfig
+
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed)
+        return [[Generation(c.text, list(c.completion_ids), c.finish_reason) for c in group]
+                for group in self.engine.generate(prompts, sampling)]
+
+    def close(self):
+        self.engine.close()
+
+
+class Session:
+    """What outlives one task: loaded models, the open engine, and generations already made
+    (base's completions are reused by every stage's `win_rate`). `release()` between stages."""
+
+    def __init__(self):
+        self.models: dict[tuple[str, str], Any] = {}
+        self.tokenizers: dict[str, Any] = {}
+        self.generator: Any = None
+        self.generator_key: Optional[tuple] = None
+        self.generations: dict[str, list[list[Generation]]] = {}
+        self.backends: dict[str, str] = {}  # requested -> resolved (auto prints its choice once)
+
+    def release(self) -> None:
+        if self.generator is not None:
+            self.generator.close()
+        self.generator, self.generator_key = None, None
+        self.models.clear()
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
+
+
+@dataclass
+class EvalContext:
+    """Everything a task needs to evaluate one model.
+
+    Attributes:
+        model_path: full weights of the model under evaluation (a stage's `model/` or `merged/`,
+            or any local folder / hub id).
+        rows: the eval dataset's rows ([] for tasks without data).
+        stage: `base`, a stage name, or `model` for `alignkit eval --model`.
+        reference_path: the stage's `from` model (KL, implicit DPO reward); None for base.
+        base_path: the recipe's starting model (win_rate's baseline).
+        resolve: stage name or folder -> full-weights folder (reward stages, references).
+        dtype: torch dtype name for every model loaded here.
+        backend: rollout engine (auto | hf | vllm | vllm-server); batch_size: prompts per call.
+    """
+
+    model_path: str
+    rows: list[dict] = field(default_factory=list)
+    stage: str = "model"
+    reference_path: Optional[str] = None
+    base_path: Optional[str] = None
+    resolve: Optional[Callable[[str], str]] = None
+    dtype: str = "float32"
+    backend: str = DEFAULT_BACKEND
+    batch_size: int = DEFAULT_BATCH_SIZE
+    seed: int = 0
+    console: Any = None
+    session: Session = field(default_factory=Session)
+
+    # ------------------------------------------------------------ models
+
+    @property
+    def tokenizer(self):
+        return self.tokenizer_for(self.model_path)
+
+    def tokenizer_for(self, path: str):
+        if path not in self.session.tokenizers:
+            from alignment.models import load_tokenizer
+
+            self.session.tokenizers[path] = load_tokenizer(path)
+        return self.session.tokenizers[path]
+
+    def model(self, path: Optional[str] = None, head: str = "causal_lm"):
+        """A loaded model (eval mode, cached for the stage): the evaluated one by default."""
+        path = path or self.model_path
+        if (path, head) not in self.session.models:
+            from alignment.models import load_pretrained
+
+            import torch
+
+            model = load_pretrained(path, dtype=self.dtype, head=head)
+            if torch.cuda.is_available():
+                model = model.to("cuda")
+            self.session.models[(path, head)] = model.eval()
+        return self.session.models[(path, head)]
+
+    def model_dir(self, name_or_path: str) -> str:
+        """Full weights of a stage of this run (by name), `base`, or a folder."""
+        if name_or_path == "base" and self.base_path:
+            return self.base_path
+        if self.resolve is not None:
+            return self.resolve(name_or_path)
+        if Path(name_or_path).is_dir():
+            return str(name_or_path)
+        raise ValueError(f"'{name_or_path}' is neither a stage of a run nor a model folder")
+
+    # ------------------------------------------------------------ generation
+
+    def generate(self, prompts: list, max_new_tokens: int, n: int = 1, temperature: float = 0.0, *,
+                 model_path: Optional[str] = None) -> list[list[Generation]]:
+        """`n` completions per prompt (strings or conversations) from `model_path` (default: the
+        evaluated model); greedy at temperature 0. Remembered for the rest of the session."""
+        path = model_path or self.model_path
+        key = json.dumps([path, self.backend, prompts, max_new_tokens, n, temperature, self.seed], default=str)
+        if key in self.session.generations:
+            return self.session.generations[key]
+        tokenizer = self.tokenizer_for(path)
+        ids = [encode_prompt(tokenizer, p) for p in prompts]
+        generator = self._generator(path)
+        step = self.batch_size if generator.name == "hf" else max(len(ids), 1)  # vLLM batches itself
+        out: list[list[Generation]] = []
+        with _progress(self.console, f"generating ({self.stage})", len(ids)) as advance:
+            for start in range(0, len(ids), step):
+                out += generator.generate(ids[start:start + step], max_new_tokens, n, temperature, self.seed + start)
+                advance(len(ids[start:start + step]))
+        self.session.generations[key] = out
+        return out
+
+    def _generator(self, path: str):
+        key = (path, self.backend)
+        if self.session.generator_key == key:
+            return self.session.generator
+        if self.session.generator is not None:
+            self.session.generator.close()
+        self.session.generator = self._make_generator(path)
+        self.session.generator_key = key
+        return self.session.generator
+
+    def _make_generator(self, path: str):
+        try:
+            from alignment.rollout import make_engine, resolve_backend
+        except ImportError:
+            if self.backend not in ("auto", "hf"):
+                raise ImportError(f"eval backend '{self.backend}' needs alignment.rollout, which does not import") from None
+            return _HFGenerator(self.model(path), self.tokenizer_for(path))
+        if self.backend not in self.session.backends:
+            self.session.backends[self.backend] = resolve_backend(self.backend)
+        backend = self.session.backends[self.backend]
+        model = self.model(path) if backend == "hf" else None  # hf generates with the cached model
+        engine = make_engine(backend, path, tokenizer=self.tokenizer_for(path), model=model, dtype=self.dtype, seed=self.seed)
+        return _RolloutGenerator(engine)
+
+    # ------------------------------------------------------------ scoring
+
+    def token_logprobs(self, pairs: list[tuple[list[int], list[int]]], *, model_path: Optional[str] = None) -> list[list[float]]:
+        """Per completion token, log p(token | prompt, earlier tokens) under a model (one forward pass
+        per batch, teacher-forced, temperature 1). `pairs`: (prompt ids, completion ids)."""
+        import torch
+
+        from alignment.algos import logprobs_from_logits
+
+        model = self.model(model_path)
+        device = next(model.parameters()).device
+        pad = 0  # right padding under a zero mask: its value is never read
+        out: list[list[float]] = []
+        with _progress(self.console, f"scoring ({self.stage})", len(pairs)) as advance, torch.no_grad():
+            for start in range(0, len(pairs), self.batch_size):
+                batch = pairs[start:start + self.batch_size]
+                seqs = [p + c for p, c in batch]
+                width = max(len(s) for s in seqs)
+                input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+                mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+                logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+                logprobs = logprobs_from_logits(logits, input_ids[:, 1:])  # (B, width - 1)
+                for row, (p, c) in enumerate(batch):
+                    # token i of the sequence is predicted at position i - 1
+                    out.append(logprobs[row, len(p) - 1:len(p) - 1 + len(c)].tolist())
+                advance(len(batch))
+        return out
+
+    def reward_scores(self, reward_stage: str, prompts: list, completions: list[str]) -> list[float]:
+        """Scores of an earlier `reward` stage's model (a stage name or a folder), one per completion."""
+        import torch
+
+        from alignment.models import read_artifact
+
+        folder = self.model_dir(reward_stage)
+        head = read_artifact(Path(folder))["head"] if Path(folder).is_dir() else "sequence_classification"
+        if head != "sequence_classification":
+            raise ValueError(f"reward_stage '{reward_stage}' ({folder}) is not a reward model (head: {head}); "
+                             f"name a stage with method: reward")
+        model = self.model(folder, head="sequence_classification")
+        tokenizer = self.tokenizer_for(folder)
+        pad = tokenizer.pad_token_id or 0
+        scores: list[float] = []
+        with torch.no_grad():
+            for start in range(0, len(prompts), self.batch_size):
+                seqs = [chat_text(tokenizer, p, c) for p, c in
+                        zip(prompts[start:start + self.batch_size], completions[start:start + self.batch_size])]
+                width = max(len(s) for s in seqs)  # right padding, as TRL's RewardTrainer
+                input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=model.device)
+                mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=model.device)
+                scores += model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().tolist()
+        return scores
+
+
+class _progress:
+    """A transient rich progress bar (nothing when the console is not a terminal); yields `advance(n)`."""
+
+    def __init__(self, console, description: str, total: int):
+        self.console, self.description, self.total = console, description, total
+        self.bar = None
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = self.console
+        if console is not None and console.is_terminal and self.total > 0:
+            self.bar = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(self.description, total=self.total)
+        return (lambda n: self.bar.advance(self.task, n)) if self.bar else (lambda n: None)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
