@@ -23,7 +23,7 @@ def grpo_recipe(tmp_path, model_path, backend):
         "method": "grpo", "data": ["prompts"],
         "rewards": [{"name": "tests.stages.test_grpo.sevens"}],
         "rollout": {"backend": backend, "num_generations": 8, "max_new_tokens": 8, "temperature": 1.0},
-        "args": {"learning_rate": 3.0e-3, "max_steps": 12, "save_steps": 100, "beta": 0.0},
+        "args": {"learning_rate": 1.0e-2, "max_steps": 12, "save_steps": 100, "beta": 0.0},
     }}
     return write_recipe(tmp_path, model_path, stages, data={"prompts": {"path": "prompts.jsonl"}})
 
