@@ -45,7 +45,8 @@ demo: install
 	$(BIN)/alignkit run recipes/quickstart/arith.yaml
 
 bench: install
-	$(BIN)/python bench/run.py
+	$(BIN)/python -c "from alignment.models import bundled_path; bundled_path('smollm2-135m-instruct')"
+	$(BIN)/python bench/rollout_bench.py --out bench/results/rollout.json
 
 clean:
 	rm -rf runs .pytest_cache
