@@ -180,10 +180,23 @@ def load_model(path: str, cfg: ModelConfig, *, head: str = "causal_lm", **kwargs
     if cfg.quantization is not None:
         options["quantization_config"] = quantization_config(cfg.quantization, dtype)
     model = getattr(transformers, HEADS[head]).from_pretrained(path, **options)
+    if cfg.quantization is not None and cfg.quantization.bits == 4:
+        _keep_4bit_layout(model)
     if model.config.pad_token_id is None and model.config.eos_token_id is not None:
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return model
+
+
+def _keep_4bit_layout(model) -> None:
+    """bitsandbytes 0.50.2 on CPU re-lays 4-bit weights out for a bf16 kernel on the first no-grad
+    eval forward, and a later state_dict() converts them back with transposed scales -- evaluating
+    and then saving silently corrupts the base. Keeping the original layout avoids it."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False, revision: Optional[str] = None):
