@@ -111,3 +111,15 @@ def test_adapters_train(tmp_path, tiny_model_path, model):
     assert (run_dir / "sft" / "model" / "adapter_model.safetensors").exists()
     loss = losses(run_dir, "sft")
     assert sum(loss[-3:]) / 3 < 0.9 * sum(loss[:3]) / 3
+
+
+def test_launch_command_plain_or_accelerate(tmp_path, tiny_model_path):
+    stages = {"a": SFT, "b": {**SFT, "launch": {"accelerate_config": "acc.yaml", "num_processes": 4,
+                                               "extra_args": ["--num_machines", "2"]}}}
+    (tmp_path / "acc.yaml").write_text("distributed_type: MULTI_GPU\n")
+    pipe = Pipeline(load_recipe(write_recipe(tmp_path, tiny_model_path, stages)), tmp_path / "runs")
+    assert pipe.command("a")[1:] == ["-m", "alignment.stage", str(pipe.run_dir), "a"]
+    cmd = pipe.command("b")
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    assert cmd[3:9] == ["--config_file", str(tmp_path / "acc.yaml"), "--num_processes", "4", "--num_machines", "2"]
+    assert cmd[-4:] == ["-m", "alignment.stage", str(pipe.run_dir), "b"]
