@@ -8,6 +8,7 @@ from decimal import Decimal
 from rewards.base import REWARDS, answer_text, completion_text, get_column
 
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+_PLAIN_NUMBER = re.compile(r"\s*-?\d+(?:,\d{3})*(?:\.\d+)?\s*")
 
 
 @REWARDS.register("math_accuracy")
@@ -15,17 +16,18 @@ def math_accuracy(prompts, completions, *, column: str = "answer", **columns) ->
     r"""1.0 where the answer equals the gold in `column`, 0.0 where not, None where gold is missing.
 
     The answer is the last `<answer>...</answer>` of the completion if it has one, else the whole
-    completion; math-verify's `parse` + `verify` compare `\boxed{}`, LaTeX and plain numbers
-    symbolically. Gold that math-verify cannot parse falls back to exact match of the last
+    completion. A plain-number gold is compared by value with the last number of the answer
+    (so echoing "44 + 47 =" scores 0); other golds go through math-verify's `parse` + `verify`,
+    which compare `\boxed{}`, LaTeX and expressions symbolically. Gold that math-verify cannot parse falls back to exact match of the last
     number of each (None if the gold has no number either).
 
     Args:
         column: the dataset column holding the gold answers.
 
     Example:
-        >>> math_accuracy(None, [r"so \boxed{\frac{1}{2}}", "<answer>0.5</answer>", "it is 3"],
-        ...               answer=["1/2", "0.5", "4"])
-        [1.0, 1.0, 0.0]
+        >>> math_accuracy(None, [r"so \boxed{\frac{1}{2}}", "<answer>0.5</answer>", "it is 3", "44 + 47 = "],
+        ...               answer=["1/2", "0.5", "4", "91"])
+        [1.0, 1.0, 0.0, 0.0]
     """
     from math_verify import parse, verify  # sympy underneath: ~1 s to import, so only when used
 
@@ -39,6 +41,11 @@ def math_accuracy(prompts, completions, *, column: str = "answer", **columns) ->
             scores.append(None)
             continue
         answer = answer_text(completion_text(completion))
+        if _PLAIN_NUMBER.fullmatch(gold):
+            # A numeric gold is compared with the last number stated: math-verify would accept an
+            # echo of the question ("44 + 47 =" verifies as 91), which RL learns to exploit.
+            scores.append(float(_last_number(answer) == _last_number(gold)))
+            continue
         gold_parsed = parse(gold, parsing_timeout=timeout)
         if gold_parsed:
             answer_parsed = parse(answer, parsing_timeout=timeout)

@@ -507,3 +507,11 @@ def test_sandbox_has_no_network(listener, module, host):
     assert not r.ok and "connected" not in r.stdout
     assert r.duration_s < 3
     assert _no_connection(listener)
+
+
+def test_math_accuracy_does_not_reward_echoing_the_question():
+    """math-verify alone verifies '44 + 47 =' as 91; GRPO learned to exploit that on the demo."""
+    from rewards.math import math_accuracy
+
+    completions = ["44 + 47 = ", "44 + 47 = 91", "The sum of 44 and 47 is 91.", "47"]
+    assert math_accuracy(None, completions, answer=["91"] * 4) == [0.0, 1.0, 1.0, 0.0]

@@ -1,0 +1,773 @@
+"""Proximal policy optimisation for RLHF, written here (TRL 1.16 has no PPO trainer).
+
+Each update samples completions from the rollout engine, scores them with the `rewards:` list, puts a
+per-token KL penalty to the reference in the reward, estimates advantages with GAE against a critic, and
+takes K epochs x M minibatches of clipped policy + value steps (Schulman et al. 2017, arXiv 1707.06347;
+Ziegler et al. 2019, arXiv 1909.08593; the choices follow Huang et al. 2024, "The N Implementation
+Details of RLHF with PPO", as listed in shared/notes/ppo-checklist.md).
+
+    alignkit run recipes/quickstart/ppo.yaml --stage ppo
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import numpy as np
+import torch
+
+from alignment.algos import (
+    AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController, FixedKLController, RolloutBatch, aggregate_loss,
+    compute_gae, compute_kl, compute_token_rewards, compute_value_loss, entropy_from_logits, logprobs_from_logits,
+    masked_mean, masked_var, masked_whiten, truncate_after_stop,
+)
+from alignment.recipe import RolloutConfig
+from alignment.rollout import Completion, SamplingConfig
+from alignment.stages import StageContext, StageResult, stage, truncate_metrics
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class PPOConfig:
+    """The `args:` of a ppo stage. One update = one rollout of `batch_size` prompts x
+    `rollout.num_generations` completions, then `num_ppo_epochs` x `num_minibatches` optimizer steps."""
+
+    learning_rate: float = 1.0e-5  # policy; 3e-6 full fine-tuning at ~1B (N+), ~1e-4 LoRA
+    lr_scheduler_type: Literal["linear", "constant"] = "linear"  # linear: decay to 0 over max_steps, no warmup
+    critic_learning_rate: Optional[float] = None  # value head / critic; None = learning_rate
+    max_steps: int = 100  # PPO updates (rollouts)
+    batch_size: int = 16  # prompts per rollout
+    num_ppo_epochs: int = 4  # passes over each rollout (TRL, N+: 4)
+    num_minibatches: int = 2  # optimizer steps per pass; must divide batch_size * num_generations
+    micro_batch_size: Optional[int] = None  # sequences per forward/backward (memory); None = a minibatch
+    gamma: float = 1.0  # discount (NB Policy 6)
+    gae_lambda: float = 0.95  # GAE lambda (TRL, N+)
+    clip_eps_low: float = 0.2  # ratio clipped to [1 - low, 1 + high]
+    clip_eps_high: float = 0.2
+    dual_clip: Optional[float] = None  # c > 1 caps the loss at -c * A for A < 0 (Ye et al. 2020; verl c = 3)
+    clip_eps_value: float = 0.2  # value clip around the rollout values (TRL, N+; 0.5 in verl, OpenRLHF)
+    vf_coef: float = 0.1  # loss = policy + vf_coef * value - entropy_coef * entropy
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.05  # beta of the in-reward KL penalty (TRL 0.05; NB 0.15 adaptive)
+    kl_estimator: str = "k1"  # a name in algos.KL_ESTIMATORS
+    adaptive_kl: bool = False  # move kl_coef toward target_kl (Ziegler et al. 2019, 2.2)
+    target_kl: float = 6.0  # nats per sequence (NB Policy 11)
+    horizon: int = 10000
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False  # N+ found it harmful; needs >= 8 sequences per rollout
+    missing_eos_penalty: Optional[float] = 1.0  # subtracted from the score of a completion cut at the limit
+    loss_agg_mode: str = "token-mean"  # a mode of algos.aggregate_loss
+    max_grad_norm: float = 1.0
+    adam_eps: float = 1.0e-5  # N+
+    weight_decay: float = 0.0
+    critic: Literal["value_head", "separate"] = "value_head"  # separate: own model, from the RM or the policy
+    save_steps: Optional[int] = None  # checkpoint every N updates; None = max_steps // 5
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    sample_steps: int = 10  # print one decoded completion and its reward every N updates
+    seed: Optional[int] = None  # None = the recipe's seed
+
+    def __post_init__(self):
+        problems = _config_problems(self)
+        if problems:
+            raise PPOConfigError(problems)
+        if self.save_steps is None:
+            self.save_steps = max(1, self.max_steps // 5)
+
+
+class PPOConfigError(ValueError):
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"args.{key}: {msg}" for key, msg in problems))
+
+
+_POSITIVE = ("learning_rate", "critic_learning_rate", "max_steps", "batch_size", "num_ppo_epochs", "num_minibatches",
+             "micro_batch_size", "clip_eps_low", "clip_eps_high", "clip_eps_value", "max_grad_norm", "adam_eps",
+             "target_kl", "horizon", "save_steps", "save_total_limit", "logging_steps", "sample_steps")
+_UNIT = ("gamma", "gae_lambda")
+
+
+def _config_problems(cfg: PPOConfig) -> list[tuple[str, str]]:
+    """Type and range problems, as (field, message); numbers written as strings ('1e-5' in YAML) are converted."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), f.type.removeprefix("Optional[").removesuffix("]")
+        if value is None:
+            if not f.type.startswith("Optional"):
+                problems.append((f.name, "must be set"))
+            continue
+        if kind == "float" and isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        ok = {"float": isinstance(value, (int, float)), "int": isinstance(value, int),
+              "bool": isinstance(value, bool), "str": isinstance(value, str)}.get(kind, True)
+        if not ok or (kind != "bool" and isinstance(value, bool)):
+            problems.append((f.name, f"must be {kind}, got {value!r}"))
+            continue
+        setattr(cfg, f.name, float(value) if kind == "float" else value)
+        if f.name in _POSITIVE and value <= 0:
+            problems.append((f.name, f"must be > 0, got {value}"))
+        if f.name in _UNIT and not 0 <= value <= 1:
+            problems.append((f.name, f"must be in [0, 1], got {value}"))
+        if f.name in ("vf_coef", "entropy_coef", "kl_coef", "weight_decay", "missing_eos_penalty") and value < 0:
+            problems.append((f.name, f"must be >= 0, got {value}"))
+    if cfg.dual_clip is not None and isinstance(cfg.dual_clip, float) and cfg.dual_clip <= 1:
+        problems.append(("dual_clip", f"must be > 1 (or null), got {cfg.dual_clip}"))
+    choices = {"critic": ("value_head", "separate"), "lr_scheduler_type": ("linear", "constant"),
+               "kl_estimator": tuple(KL_ESTIMATORS.names()), "loss_agg_mode": AGG_MODES}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            problems.append((key, f"unknown value {getattr(cfg, key)!r}; one of: {', '.join(allowed)}"))
+    return problems
+
+
+def _check(recipe, name):
+    """Recipe-time refusals: no rewards, samples not from the policy, bad args, untrainable setups."""
+    from alignment.recipe import Problem
+
+    spec, where = recipe.stages[name], ("stages", name)
+    problems = []
+    if not spec.rewards:
+        problems.append(Problem(where + ("rewards",), "ppo needs at least one reward, e.g. rewards: "
+                                "[{name: reward_model, stage: rm}]"))
+    rollout = spec.rollout or RolloutConfig()
+    if rollout.temperature == 0:
+        problems.append(Problem(where + ("rollout", "temperature"), "ppo samples: temperature must be > 0"))
+    if rollout.top_k != 0 or rollout.top_p != 1:
+        problems.append(Problem(where + ("rollout",), "ppo rollouts must sample from the policy itself: set "
+                                "top_k: 0 and top_p: 1.0 (truncated sampling makes the KL estimate negative)"))
+    known = {f.name for f in dataclasses.fields(PPOConfig)}
+    cfg = None
+    try:
+        cfg = PPOConfig(**{k: v for k, v in spec.args.items() if k in known})
+    except PPOConfigError as err:
+        problems += [Problem(where + ("args", key), msg) for key, msg in err.problems]
+    if cfg is not None and (cfg.batch_size * rollout.num_generations) % cfg.num_minibatches:
+        problems.append(Problem(where + ("args", "num_minibatches"), f"batch_size x rollout.num_generations "
+                                f"({cfg.batch_size * rollout.num_generations}) must be divisible by "
+                                f"num_minibatches ({cfg.num_minibatches})"))
+    model = recipe.stage_model(name)
+    if model.quantization is not None and model.adapter is None:
+        problems.append(Problem(where + ("model",), "quantized weights cannot be trained in full: add an "
+                                "adapter (QLoRA) or drop the quantization"))
+    if (recipe.stage_launch(name).num_processes or 1) > 1:
+        problems.append(Problem(where + ("launch", "num_processes"), "ppo runs in one process; set num_processes: 1"))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- roles
+
+
+@dataclass
+class Roles:
+    """The four PPO roles (checklist section 0); the reward is the caller's `reward_fn`.
+
+    policy: a causal LM, or a PeftModel over one (trainable).
+    reference: a frozen model; None = the policy under `disable_adapter()` (a fresh adapter only).
+    value_head: Linear(hidden, 1) on the policy's last hidden state, or None.
+    critic: a separate *ForSequenceClassification model (its `score` head read at every token), or None.
+    """
+
+    policy: torch.nn.Module
+    reference: Optional[torch.nn.Module] = None
+    value_head: Optional[torch.nn.Module] = None
+    critic: Optional[torch.nn.Module] = None
+
+    def __post_init__(self):
+        if self.reference is self.policy:
+            raise ValueError("the reference must be a frozen copy of the policy, not the policy itself")
+        if (self.value_head is None) == (self.critic is None):
+            raise ValueError("give exactly one of value_head and critic")
+        if self.critic is not None and self.critic.score.out_features != 1:
+            raise ValueError(f"the critic's score head must have one output, got {self.critic.score.out_features}")
+        from peft import PeftModel
+
+        if self.reference is None and not isinstance(self.policy, PeftModel):
+            raise ValueError("without an adapter the reference must be a frozen copy of the policy")
+
+    def trainable(self) -> tuple[list, list]:
+        """(policy parameters, critic parameters) that require grad."""
+        value = self.value_head if self.value_head is not None else self.critic
+        return ([p for p in self.policy.parameters() if p.requires_grad],
+                [p for p in value.parameters() if p.requires_grad])
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere, LoRA's and attention's included, or the first-minibatch ratio is not 1
+    (checklist section 0). Llama-style attention reads a float `attention_dropout` attribute, not a module."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def new_value_head(policy: torch.nn.Module) -> torch.nn.Linear:
+    """Linear(hidden, 1), weight and bias 0 (NB Policy 2), float32, on the policy's device."""
+    head = torch.nn.Linear(policy.config.get_text_config().hidden_size, 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head.to(next(policy.parameters()).device)
+
+
+# ---------------------------------------------------------------------------------------------- forward passes
+
+
+def _model_inputs(batch: RolloutBatch) -> dict:
+    """query (left-padded) + response (right-padded); positions count valid tokens only (checklist 1)."""
+    mask = torch.cat([batch.query_mask, batch.response_mask], dim=1).long()
+    return {"input_ids": torch.cat([batch.query_ids, batch.response_ids], dim=1), "attention_mask": mask,
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "use_cache": False}
+
+
+def policy_forward(model, batch: RolloutBatch, temperature: float, *, value_head=None, entropy: bool = False):
+    """Log-probs of the response tokens (B, T) at `temperature`, and optionally their entropy and the value
+    head's values (B, T), read at the state before each token (the logits' shifted positions)."""
+    length = batch.response_ids.shape[1]
+    # logits only for the last T + 1 positions: the lm_head over a long prompt would be wasted
+    out = model(**_model_inputs(batch), output_hidden_states=value_head is not None, logits_to_keep=length + 1)
+    logits = out.logits[:, -length - 1:-1]
+    logprobs = logprobs_from_logits(logits, batch.response_ids, temperature)
+    ent = entropy_from_logits(logits, temperature) if entropy else None
+    values = None
+    if value_head is not None:
+        values = value_head(out.hidden_states[-1][:, -length - 1:-1].float()).squeeze(-1)
+    return logprobs, ent, values
+
+
+def critic_forward(critic, batch: RolloutBatch):
+    """Values (B, T) of a separate critic: its sequence-classification head at every state, not pooled."""
+    out = critic(**_model_inputs(batch), output_hidden_states=True)
+    start = batch.query_ids.shape[1] - 1
+    return critic.score(out.hidden_states[-1][:, start:-1]).squeeze(-1).float()
+
+
+def collate(completions: list[Completion], *, pad_id: int, stop_id: int, device) -> tuple[RolloutBatch, dict]:
+    """Engine completions -> a RolloutBatch (old_logprobs = the engine's for now, scores 0), cut after the
+    first stop token (which stays valid), plus `has_stop` (B,) and the engine's log-probs (B, T)."""
+    batch_size = len(completions)
+    q_len = max(len(c.prompt_ids) for c in completions)
+    t_len = max(1, max(len(c.completion_ids) for c in completions))
+    query_ids = torch.full((batch_size, q_len), pad_id, dtype=torch.long)
+    query_mask = torch.zeros((batch_size, q_len), dtype=torch.bool)
+    response_ids = torch.full((batch_size, t_len), pad_id, dtype=torch.long)
+    engine_logprobs = torch.zeros((batch_size, t_len))
+    lengths = torch.tensor([len(c.completion_ids) for c in completions])
+    for i, c in enumerate(completions):
+        if c.prompt_ids:
+            query_ids[i, q_len - len(c.prompt_ids):] = torch.tensor(c.prompt_ids)
+            query_mask[i, q_len - len(c.prompt_ids):] = True
+        if c.completion_ids:
+            response_ids[i, :len(c.completion_ids)] = torch.tensor(c.completion_ids)
+            engine_logprobs[i, :len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float)
+    response_ids, response_mask, has_stop = truncate_after_stop(response_ids, stop_id, pad_id)
+    response_mask &= torch.arange(t_len) < lengths[:, None]  # a short row without a stop: its pads are not valid
+    batch = RolloutBatch(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
+                         response_mask=response_mask, old_logprobs=engine_logprobs, scores=torch.zeros(batch_size))
+    return batch.to(device), {"has_stop": has_stop.to(device), "engine_logprobs": engine_logprobs.to(device)}
+
+
+# ---------------------------------------------------------------------------------------------- the update
+
+
+RewardFn = Callable[[list[Completion]], tuple[list[float], dict[str, list]]]  # -> total, per reward name
+
+
+@dataclass
+class UpdateStats:
+    """What one update returns: the metrics (STYLE section 9 names, plain floats) and one sample."""
+
+    metrics: dict[str, float]
+    sample: Completion
+    sample_score: float  # the reward functions' total, before the EOS penalty
+
+
+METRICS = {  # every key logged per update, its meaning and unit
+    "reward/mean": "reward functions' weighted total per completion, before the EOS penalty and KL",
+    "reward/std": "its standard deviation over the rollout",
+    "reward/<fn>/mean": "one reward function's mean score (its None scores left out)",
+    "kl/ref": "KL(policy || reference) per sequence (sum over tokens of the chosen estimator), nats, at rollout",
+    "kl/coef": "the KL coefficient beta used in this update's rewards",
+    "policy/loss": "clipped surrogate loss, averaged over the update's minibatches",
+    "policy/clipfrac": "share of valid tokens where the clipped ratio term was used",
+    "policy/approxkl": "1/2 mean (logprobs - old_logprobs)^2 over valid tokens",
+    "policy/ratio_mean": "mean probability ratio; ~1",
+    "policy/dual_clipfrac": "share of valid tokens capped by the dual clip (only with dual_clip)",
+    "policy/entropy": "mean per-token entropy of the temperature-scaled policy, nats",
+    "policy/grad_norm": "gradient norm before clipping (policy and critic together)",
+    "value/loss": "clipped value loss, 1/2 (V - R)^2",
+    "value/clipfrac": "share of valid tokens where the clipped value error was larger",
+    "value/vpred_mean": "mean value prediction", "value/error": "mean (V - R)^2, unclipped",
+    "value/explained_var": "1 - Var(R - V) / Var(R) over valid tokens, rollout values",
+    "adv/mean": "mean GAE advantage before whitening", "adv/std": "its standard deviation",
+    "response/length_mean": "valid response tokens per completion (stop token included)",
+    "response/truncated_frac": "share of completions without a stop token",
+    "rollout/logprob_diff": "mean |engine log-prob - trainer's recomputed old log-prob| over valid tokens",
+    "rollout/tokens_per_sec": "generated tokens per second of the generate phase",
+    "timing/<phase>": "seconds per phase: generate, score, forward, advantages, train, sync, step",
+    "learning_rate": "the policy's learning rate in this update",
+}
+
+
+class PPOTrainer:
+    """The PPO loop over `Roles` and a rollout engine: `step(prompt_ids, reward_fn)` runs one update as
+    named, timed phases (generate -> score -> forward -> advantages -> train -> sync -> kl controller);
+    `save` / `load` hold everything a resume needs.
+
+    Raises:
+        ValueError: the rollout size is not divisible by `num_minibatches`; a bad role setup.
+    """
+
+    def __init__(self, roles: Roles, engine, cfg: PPOConfig, sampling: SamplingConfig, *, stop_id: int, pad_id: int):
+        if sampling.top_k or sampling.top_p < 1 or sampling.temperature <= 0:
+            raise ValueError("ppo samples from the policy itself: temperature > 0, top_k 0, top_p 1")
+        self.roles, self.engine, self.cfg, self.sampling = roles, engine, cfg, sampling
+        self.stop_id, self.pad_id = stop_id, pad_id
+        self.device = next(roles.policy.parameters()).device
+        policy_params, critic_params = roles.trainable()
+        self.params = policy_params + critic_params
+        self.optimizer = torch.optim.AdamW(
+            [{"params": policy_params, "lr": cfg.learning_rate},
+             {"params": critic_params, "lr": cfg.critic_learning_rate or cfg.learning_rate}],
+            eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        # no warmup, linear decay to 0 over the updates; one scheduler step per update (N+, NB General 5)
+        decay = (lambda u: 1.0 - u / cfg.max_steps) if cfg.lr_scheduler_type == "linear" else (lambda u: 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
+        self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.horizon) if cfg.adaptive_kl
+                       else FixedKLController(cfg.kl_coef))
+        self.policy_loss = POLICY_LOSSES.get("ppo_clip")
+        self.update = 0  # updates done
+
+    # -------------------------------------------------------------- phases
+
+    def generate(self, prompt_ids: list[list[int]]) -> tuple[list[Completion], RolloutBatch, dict]:
+        groups = self.engine.generate(prompt_ids, self.sampling)
+        completions = [c for group in groups for c in group]  # the n completions of a prompt adjacent
+        batch, extra = collate(completions, pad_id=self.pad_id, stop_id=self.stop_id, device=self.device)
+        return completions, batch, extra
+
+    def score(self, completions: list[Completion], reward_fn: RewardFn, has_stop: torch.Tensor):
+        """Scores (B,) with the EOS penalty applied, the scores before it, and their metrics."""
+        total, per_fn = reward_fn(completions)
+        raw = torch.tensor(total, dtype=torch.float, device=self.device)
+        metrics = {"reward/mean": raw.mean().item(), "reward/std": raw.std().item() if len(raw) > 1 else 0.0}
+        for name, values in per_fn.items():
+            kept = [v for v in values if v is not None]
+            metrics[f"reward/{name}/mean"] = sum(kept) / len(kept) if kept else float("nan")
+        scores = raw
+        if self.cfg.missing_eos_penalty is not None:  # checked against the configured stop id (checklist 1)
+            scores = raw - self.cfg.missing_eos_penalty * (~has_stop).float()
+        return scores, raw, metrics
+
+    @torch.no_grad()
+    def forward(self, batch: RolloutBatch) -> RolloutBatch:
+        """Old log-probs recomputed by the trainer (so the first minibatch's ratio is 1), reference
+        log-probs and rollout values, in micro-batches, no grad."""
+        temperature, roles = self.sampling.temperature, self.roles
+        old, ref, values = [], [], []
+        for part in self._chunks(batch, max(1, len(batch) // self.cfg.num_minibatches)):
+            lp, _, v = policy_forward(roles.policy, part, temperature, value_head=roles.value_head)
+            old.append(lp)
+            if roles.critic is not None:
+                v = critic_forward(roles.critic, part)
+            values.append(v)
+            if roles.reference is not None:
+                ref.append(policy_forward(roles.reference, part, temperature)[0])
+            else:
+                with roles.policy.disable_adapter():
+                    ref.append(policy_forward(roles.policy, part, temperature)[0])
+        return dataclasses.replace(batch, old_logprobs=torch.cat(old), ref_logprobs=torch.cat(ref),
+                                   values=torch.cat(values))
+
+    @torch.no_grad()
+    def advantages(self, batch: RolloutBatch, scores: torch.Tensor) -> tuple[RolloutBatch, dict]:
+        """Per-token rewards (score at the last valid token, -beta * KL), GAE, whitening."""
+        cfg, mask = self.cfg, batch.response_mask
+        kl = compute_kl(batch.old_logprobs, batch.ref_logprobs, cfg.kl_estimator, response_mask=mask)
+        rewards = compute_token_rewards(scores, kl, mask, self.kl_ctl.kl_coef)
+        if cfg.whiten_rewards:  # keep the mean: the sign of a reward survives
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = compute_gae(rewards, batch.values, mask, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda)
+        metrics = {"kl/ref": kl.sum(-1).mean().item(), "kl/coef": self.kl_ctl.kl_coef,
+                   "adv/mean": masked_mean(advantages, mask).item(), "adv/std": _masked_std(advantages, mask),
+                   "value/explained_var": _explained_var(returns, batch.values, mask)}
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        return dataclasses.replace(batch, scores=scores, advantages=advantages, returns=returns), metrics
+
+    def minibatch_loss(self, part: RolloutBatch, normalizer) -> tuple[torch.Tensor, dict]:
+        """loss = policy + vf_coef * value - entropy_coef * entropy on `part`, each aggregated with the
+        minibatch's `normalizer`, so micro-batch losses (and gradients) sum to the minibatch's."""
+        cfg, roles, mask = self.cfg, self.roles, part.response_mask
+        logprobs, entropy, values = policy_forward(roles.policy, part, self.sampling.temperature,
+                                                   value_head=roles.value_head, entropy=True)
+        if roles.critic is not None:
+            values = critic_forward(roles.critic, part)
+        per_token, metrics = self.policy_loss(logprobs, part.old_logprobs, part.advantages, mask,
+                                              clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
+                                              dual_clip=cfg.dual_clip)
+        if cfg.dual_clip is None:
+            metrics.pop("policy/dual_clipfrac")
+        value_per_token, value_metrics = compute_value_loss(values, part.values, part.returns, mask,
+                                                            clip_eps_value=cfg.clip_eps_value)
+        policy_loss = aggregate_loss(per_token, mask, cfg.loss_agg_mode, normalizer)
+        value_loss = aggregate_loss(value_per_token, mask, cfg.loss_agg_mode, normalizer)
+        loss = policy_loss + cfg.vf_coef * value_loss
+        if cfg.entropy_coef:
+            loss = loss - cfg.entropy_coef * aggregate_loss(entropy, mask, cfg.loss_agg_mode, normalizer)
+        metrics = {**metrics, **value_metrics, "policy/loss": policy_loss.detach(), "value/loss": value_loss.detach(),
+                   "policy/entropy": masked_mean(entropy.detach(), mask)}
+        return loss, metrics
+
+    def train(self, batch: RolloutBatch) -> dict:
+        """K epochs x M minibatches, a fresh permutation each epoch, one optimizer step per minibatch."""
+        cfg, size = self.cfg, len(batch)
+        if size % cfg.num_minibatches:
+            raise ValueError(f"the rollout ({size} sequences) must be divisible by num_minibatches "
+                             f"({cfg.num_minibatches})")
+        mb_size = size // cfg.num_minibatches
+        totals: dict[str, float] = {}
+        for _ in range(cfg.num_ppo_epochs):
+            order = torch.randperm(size).to(self.device)
+            for m in range(cfg.num_minibatches):
+                minibatch = batch.select(order[m * mb_size:(m + 1) * mb_size])
+                normalizer = _normalizer(minibatch.response_mask, cfg.loss_agg_mode)
+                tokens = minibatch.response_mask.sum().clamp(min=1)
+                self.optimizer.zero_grad(set_to_none=True)
+                for part in self._chunks(minibatch, mb_size):
+                    loss, metrics = self.minibatch_loss(part, normalizer)
+                    loss.backward()
+                    share = part.response_mask.sum() / tokens  # rates: token-weighted; losses already add up
+                    for key, value in metrics.items():
+                        weight = 1.0 if key in ("policy/loss", "value/loss") else share
+                        totals[key] = totals.get(key, 0.0) + (value * weight).item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                totals["policy/grad_norm"] = totals.get("policy/grad_norm", 0.0) + grad_norm.item()
+                self.optimizer.step()
+        steps = cfg.num_ppo_epochs * cfg.num_minibatches
+        return {key: value / steps for key, value in totals.items()}
+
+    def step(self, prompt_ids: list[list[int]], reward_fn: RewardFn) -> UpdateStats:
+        """One PPO update on `prompt_ids` (token ids per prompt; the engine draws n completions of each)."""
+        timings: dict[str, float] = {}
+        timed = functools.partial(_timed, timings)
+        with timed("step"):
+            lr = self.scheduler.get_last_lr()[0]
+            with timed("generate"):
+                completions, batch, extra = self.generate(prompt_ids)
+            with timed("score"):
+                scores, raw_scores, metrics = self.score(completions, reward_fn, extra["has_stop"])
+            with timed("forward"):
+                batch = self.forward(batch)
+            with timed("advantages"):
+                batch, adv_metrics = self.advantages(batch, scores)
+            with timed("train"):
+                train_metrics = self.train(batch)
+            self.scheduler.step()
+            with timed("sync"):
+                self.engine.sync_weights(self.roles.policy)
+            self.kl_ctl.update(adv_metrics["kl/ref"], len(batch))
+        self.update += 1
+        mask, lengths = batch.response_mask, batch.response_mask.sum(-1).float()
+        metrics |= adv_metrics | train_metrics | {
+            "response/length_mean": lengths.mean().item(),
+            "response/truncated_frac": (~extra["has_stop"]).float().mean().item(),
+            "rollout/logprob_diff": masked_mean((extra["engine_logprobs"] - batch.old_logprobs).abs(), mask).item(),
+            "rollout/tokens_per_sec": sum(len(c.completion_ids) for c in completions) / max(timings["generate"], 1e-9),
+            "learning_rate": lr,
+        } | {f"timing/{phase}": seconds for phase, seconds in timings.items()}
+        return UpdateStats(metrics=metrics, sample=completions[0], sample_score=float(raw_scores[0]))
+
+    def _chunks(self, batch: RolloutBatch, size: int):
+        """Micro-batches of `micro_batch_size` sequences, or of `size` when that is unset."""
+        size = self.cfg.micro_batch_size or size
+        for start in range(0, len(batch), size):
+            yield batch.select(slice(start, start + size))
+
+    # -------------------------------------------------------------- checkpoints
+
+    def save(self, folder: Path) -> None:
+        """policy/ (adapter or full weights, HF format), value_head.pt or critic/, state.pt (optimizer,
+        scheduler, update count, KL coefficient, RNG states), written to a temporary folder, then renamed."""
+        tmp = folder.with_name("tmp-" + folder.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.roles.policy.save_pretrained(tmp / "policy")
+        if self.roles.value_head is not None:
+            torch.save(self.roles.value_head.state_dict(), tmp / "value_head.pt")
+        else:
+            self.roles.critic.save_pretrained(tmp / "critic")
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save({"update": self.update, "optimizer": self.optimizer.state_dict(), "rng": rng,
+                    "scheduler": self.scheduler.state_dict(), "kl_coef": self.kl_ctl.kl_coef}, tmp / "state.pt")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+
+    def load(self, folder: Path) -> None:
+        """Restore what `save` wrote; push the restored policy into the engine."""
+        _load_weights(self.roles.policy, folder / "policy")
+        if self.roles.value_head is not None:
+            self.roles.value_head.load_state_dict(torch.load(folder / "value_head.pt", map_location=self.device))
+        else:
+            _load_weights(self.roles.critic, folder / "critic")
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)  # our own file
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.update, self.kl_ctl.kl_coef = state["update"], state["kl_coef"]
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.engine.sync_weights(self.roles.policy)
+
+
+def _normalizer(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """The minibatch's count for `aggregate_loss`: valid tokens (token-mean) or sequences with one."""
+    return mask.sum().clamp(min=1) if mode == "token-mean" else (mask.sum(-1) > 0).sum().clamp(min=1)
+
+
+def _masked_std(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return masked_var(x, mask).sqrt().item() if mask.sum() > 1 else 0.0
+
+
+def _explained_var(returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> float:
+    if mask.sum() < 2:
+        return float("nan")
+    var = masked_var(returns, mask)
+    return (1 - masked_var(returns - values, mask) / var).item() if var > 0 else float("nan")
+
+
+@contextlib.contextmanager
+def _timed(timings: dict, name: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = time.perf_counter() - start
+
+
+def _load_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Load `save_pretrained` output into a live model: a peft adapter, or full weights (tied ones once)."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+        return
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state |= load_file(file)
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected or not state:
+        raise RuntimeError(f"checkpoint {folder} does not match the model (unexpected keys: {unexpected[:5]})")
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def _setup_roles(ctx: StageContext, cfg: PPOConfig) -> Roles:
+    """Policy (+ LoRA/QLoRA), reference (the adapter disabled, or a frozen copy), value head or critic."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quantized, checkpointing = ctx.model_cfg.quantization is not None, ctx.model_cfg.gradient_checkpointing
+
+    def place(model):
+        return model if quantized else model.to(device)  # bitsandbytes places 4-bit weights itself
+
+    def with_adapter(model, task_type):
+        peft_cfg = ctx.peft_config(task_type)
+        if peft_cfg is None:
+            return model
+        if quantized:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        peft_cfg.lora_dropout = 0.0  # dropout off (checklist 0)
+        return get_peft_model(model, peft_cfg)
+
+    policy = with_adapter(place(ctx.load_model()), "CAUSAL_LM")
+    reference = None
+    if ctx.peft_config() is None:  # an adapter is disabled for the reference; full weights need a copy
+        reference = place(ctx.load_model()).eval().requires_grad_(False)
+    if checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    value_head = critic = None
+    if cfg.critic == "value_head":
+        value_head = new_value_head(policy)
+    else:
+        critic = with_adapter(place(_load_critic(ctx)), "SEQ_CLS")
+    for model in (policy, critic):
+        if model is not None:
+            disable_dropout(model)
+            model.train()
+    return Roles(policy=policy, reference=reference, value_head=value_head, critic=critic)
+
+
+def _load_critic(ctx: StageContext):
+    """A sequence-classification model from the first `reward_model` reward's stage (N+, Stiennon et al.),
+    else from the policy's start weights with a zero head (NB Policy 2)."""
+    from alignment.models import full_weights, load_model
+
+    rm_stages = [r.model_extra["stage"] for r in ctx.spec.rewards if r.name == "reward_model"]
+    path = str(full_weights(ctx.run_dir / rm_stages[0] / "model")) if rm_stages else ctx.start_path()
+    critic = load_model(path, ctx.model_cfg, head="sequence_classification")
+    if not rm_stages:
+        torch.nn.init.zeros_(critic.score.weight)
+    print(f"alignkit: ppo critic initialised from {rm_stages[0] if rm_stages else 'the policy'} ({path})", flush=True)
+    return critic
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(n)
+
+
+def prompt_rows(dataset, update: int, batch_size: int, seed: int) -> list[dict]:
+    """The prompts of update `update`: a fresh shuffle per pass over the data, a function of the update
+    index alone, so a resumed run sees the same prompts."""
+    n, rows = len(dataset), []
+    for k in range(update * batch_size, (update + 1) * batch_size):
+        epoch, position = divmod(k, n)
+        rows.append(dataset[int(_permutation(n, seed + epoch)[position])])
+    return rows
+
+
+def _reward_fn(funcs, weights, rows: list[dict], num_generations: int) -> RewardFn:
+    """Completions -> `rewards.score` over texts (chat prompts get assistant messages), with the rows'
+    other columns repeated per completion."""
+    from rewards import score
+
+    def fn(completions):
+        mine = [rows[i // num_generations] for i in range(len(completions))]
+        prompts = [r["prompt"] for r in mine]
+        texts = [c.text if isinstance(p, str) else [{"role": "assistant", "content": c.text}]
+                 for p, c in zip(prompts, completions)]
+        columns = {key: [r[key] for r in mine] for key in rows[0] if key != "prompt"}
+        columns.setdefault("completion_ids", [c.completion_ids for c in completions])
+        return score(funcs, weights, prompts, texts, **columns)
+
+    return fn
+
+
+class _Progress:
+    """A rich progress bar over updates with the latest reward and KL; plain lines when not a TTY."""
+
+    def __init__(self, name: str, total: int, completed: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn(f"[bold]{name}[/]"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("<"),
+                                 TimeRemainingColumn())
+        self.name, self.total, self.plain = name, total, not self.progress.console.is_terminal
+        self.task = self.progress.add_task(name, total=total, completed=completed, info="")
+        if not self.plain:
+            self.progress.start()
+
+    def update(self, step: int, metrics: dict) -> None:
+        info = f"reward {metrics['reward/mean']:.4g} kl {metrics['kl/ref']:.3g}"
+        self.progress.update(self.task, completed=step, info=info)
+        if self.plain and (step % max(1, self.total // 10) == 0 or step == self.total):
+            print(f"  {self.name} update {step}/{self.total} {info}", flush=True)
+
+    def print(self, text: str) -> None:
+        if self.plain:
+            print(text, flush=True)
+        else:
+            self.progress.console.print(text, markup=False, highlight=False)
+
+    def stop(self) -> None:
+        if not self.plain:
+            self.progress.stop()
+
+
+def _prompt_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+@stage("ppo", config=lambda: PPOConfig, formats=("prompt",), check=_check)
+def run(ctx: StageContext) -> StageResult:
+    from alignment.models import save_artifact
+    from alignment.rollout import encode_prompts, make_engine
+    from rewards import combine_rewards
+
+    cfg = PPOConfig(**{"seed": ctx.recipe.seed, **ctx.spec.args})
+    rollout = ctx.spec.rollout or RolloutConfig()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise RuntimeError("the ppo stage runs in one process; set launch.num_processes: 1 for it")
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    tokenizer, dataset = ctx.tokenizer(), ctx.dataset()
+    funcs, weights = combine_rewards([{"name": r.name, "weight": r.weight, **(r.model_extra or {})}
+                                      for r in ctx.spec.rewards])
+    roles = _setup_roles(ctx, cfg)
+    stop_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id not in (None, stop_id) else int(stop_id == 0)
+    policy = roles.policy
+    engine = make_engine(
+        rollout.backend, ctx.start_path(), tokenizer=tokenizer, model=policy,
+        dtype=str(policy.dtype).removeprefix("torch.") if ctx.model_cfg.quantization is None else "float32",
+        max_model_len=rollout.max_model_len, seed=cfg.seed,
+        **({"url": rollout.url} if rollout.url else {}),
+        **({"gpu_memory_utilization": rollout.gpu_memory_utilization} if rollout.backend != "hf" else {}),
+    )
+    sampling = SamplingConfig(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
+                              top_p=1.0, top_k=0, n=rollout.num_generations)
+    trainer = PPOTrainer(roles, engine, cfg, sampling, stop_id=stop_id, pad_id=pad_id)
+    resume = ctx.last_checkpoint()
+    if resume:
+        print(f"alignkit: resuming {ctx.name} from {Path(resume).name}", flush=True)
+        trainer.load(Path(resume))
+        truncate_metrics(ctx.metrics_file, trainer.update)
+
+    progress, started, stats = _Progress(ctx.name, cfg.max_steps, trainer.update), time.time(), None
+    try:
+        while trainer.update < cfg.max_steps:
+            rows = prompt_rows(dataset, trainer.update, cfg.batch_size, cfg.seed)
+            stats = trainer.step(encode_prompts(tokenizer, [r["prompt"] for r in rows]),
+                                 _reward_fn(funcs, weights, rows, rollout.num_generations))
+            step = trainer.update
+            if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+                with open(ctx.metrics_file, "a") as fh:
+                    fh.write(json.dumps({"step": step, "time": round(time.time(), 3), **stats.metrics}) + "\n")
+            progress.update(step, stats.metrics)
+            if step % cfg.sample_steps == 0 or step == 1:
+                cut = "" if stats.sample.finish_reason == "stop" else ", no EOS"
+                progress.print(f"  sample at update {step} (reward {stats.sample_score:.3f}{cut}): "
+                               f"{_prompt_text(rows[0]['prompt'])!r} -> {stats.sample.text!r}")
+            if step % cfg.save_steps == 0 and step < cfg.max_steps:
+                _save_checkpoint(ctx, trainer, step, cfg.save_total_limit)
+    finally:
+        progress.stop()
+        engine.close()
+
+    save_artifact(policy, tokenizer, ctx.model_dir, base=ctx.start_path(), head="causal_lm")
+    final = {k: stats.metrics[k] for k in ("reward/mean", "kl/ref", "value/explained_var")} if stats else {}
+    return StageResult(metrics={**final, "updates": trainer.update, "train_runtime": round(time.time() - started, 1)},
+                       info={"rollout_backend": engine.name})
+
+
+def _save_checkpoint(ctx: StageContext, trainer: PPOTrainer, step: int, keep: int) -> None:
+    """checkpoint-<update>, keeping the newest `keep`. Test hook as ProgressCallback's:
+    ALIGNKIT_FAULT_KILL_AFTER_SAVE=N kills this process (SIGKILL) after saving update >= N."""
+    ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    trainer.save(ctx.checkpoint_dir / f"checkpoint-{step}")
+    saved = sorted(ctx.checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    for old in saved[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    kill_at = os.environ.get("ALIGNKIT_FAULT_KILL_AFTER_SAVE")
+    if kill_at and step >= int(kill_at):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,318 @@
+"""PPO (alignment/stages/ppo.py): the checklist's toy task learns through the loop functions (and a
+sign-flipped negative control does not), the first-minibatch / zero-KL invariants hold, a resumed loop
+repeats an uninterrupted one, and `sft -> rm -> ppo` runs through the CLI with LoRA, killed and resumed,
+with HF and with vLLM rollouts (weights synced after every update)."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+from alignment.rollout import HFEngine, SamplingConfig
+from alignment.stages import ppo
+from alignment.stages.ppo import PPOConfig, PPOTrainer, Roles, disable_dropout, new_value_head
+from tests.helpers import metrics, sum_rows, write_jsonl, write_recipe
+from tests.stages.test_pipeline import manifest, run_cli
+from tests.stages.test_preference import pair_rows
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The toy models are tiny: on a shared 2-core machine one thread is ~8x faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------ the checklist's toy task (b)
+
+PAD, EOS, BOS, SEVEN = 0, 1, 2, 7
+
+
+class ToyTokenizer:
+    """What HFEngine reads from a tokenizer: ids 0 pad, 1 EOS, 2 BOS; a token is its id."""
+
+    eos_token_id, pad_token_id = EOS, PAD
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids if not (skip_special_tokens and i < 3))
+
+
+def toy_model(seed: int, attention_dropout: float = 0.0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS, attention_dropout=attention_dropout)
+    return LlamaForCausalLM(config)
+
+
+def toy_prompts(update: int, n: int = 32) -> list[list[int]]:
+    """BOS + 2-6 random ids from 3..31, a function of the update index."""
+    rng = random.Random(update)
+    return [[BOS] + [rng.randint(3, 31) for _ in range(rng.randint(2, 6))] for _ in range(n)]
+
+
+def share_of_sevens(completions):
+    """Reward: response tokens equal to 7 (up to EOS) / 8; ~1/32 for the random model."""
+    scores = [c.completion_ids.count(SEVEN) / 8 for c in completions]
+    return scores, {"sevens": scores}
+
+
+TOY = dict(learning_rate=3e-4, lr_scheduler_type="constant", max_steps=20, batch_size=32, num_ppo_epochs=4,
+           num_minibatches=2, kl_coef=0.01, missing_eos_penalty=None, gamma=1.0, gae_lambda=0.95,
+           clip_eps_value=0.2, vf_coef=0.1)
+
+
+def toy_critic(model: LlamaForCausalLM) -> LlamaForSequenceClassification:
+    """A separate critic: a copy of the policy's trunk with a zero one-output head."""
+    config = copy.deepcopy(model.config)
+    config.num_labels = 1
+    critic = LlamaForSequenceClassification(config)
+    critic.model.load_state_dict(model.model.state_dict())
+    torch.nn.init.zeros_(critic.score.weight)
+    return critic
+
+
+def toy_trainer(seed: int = 0, *, lora: bool = False, dropout: float = 0.0, critic: str = "value_head",
+                **overrides) -> PPOTrainer:
+    """Random Llama (vocab 32), reference = a frozen copy (or the adapter disabled), zero value head (or
+    a separate critic), one AdamW over policy + critic; B=32, L=8, T=1, constant LR as measured
+    (checklist (b)). `dropout` is set in the attention and LoRA configs, for `disable_dropout` to turn off."""
+    model = toy_model(seed, attention_dropout=dropout)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    separate = toy_critic(model) if critic == "separate" else None
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model, reference = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                            target_modules="all-linear")), None
+    disable_dropout(model)
+    model.train()
+    roles = Roles(policy=model, reference=reference, critic=separate,
+                  value_head=new_value_head(model) if separate is None else None)
+    engine = HFEngine("unused", tokenizer=ToyTokenizer(), model=model)
+    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, n=1)
+    return PPOTrainer(roles, engine, PPOConfig(**{**TOY, **overrides}), sampling, stop_id=EOS, pad_id=PAD)
+
+
+def reward_curve(trainer: PPOTrainer, updates: int = 20) -> list[float]:
+    return [trainer.step(toy_prompts(u), share_of_sevens).metrics["reward/mean"] for u in range(updates)]
+
+
+@pytest.mark.parametrize("critic", ["value_head", "separate"])
+def test_toy_task_learns_to_say_seven(critic):
+    curve = reward_curve(toy_trainer(seed=0, critic=critic))
+    start, end = sum(curve[:3]) / 3, sum(curve[15:]) / 5
+    # checklist (3 seeds): 0.023-0.035 -> 0.63-0.67; here seeds 0/1/2: 0.03-0.04 -> 0.63-0.73 (value head),
+    # 0.03-0.04 -> 0.62-0.71 (separate critic)
+    assert end >= 0.3 and end >= 5 * start, curve
+
+
+def test_sign_flipped_advantages_unlearn(monkeypatch):
+    """Negative control: the same run with every advantage negated ends below its start."""
+    gae = ppo.compute_gae
+
+    def flipped(*args, **kwargs):
+        advantages, returns = gae(*args, **kwargs)
+        return -advantages, returns
+
+    monkeypatch.setattr(ppo, "compute_gae", flipped)
+    curve = reward_curve(toy_trainer(seed=0))
+    assert sum(curve[15:]) / 5 < sum(curve[:3]) / 3, curve
+
+
+# ------------------------------------------------------------------ invariants (checklist (a) 15)
+
+
+def first_rollout(trainer: PPOTrainer, update: int):
+    completions, batch, extra = trainer.generate(toy_prompts(update))
+    scores, _, _ = trainer.score(completions, share_of_sevens, extra["has_stop"])
+    batch, stats = trainer.advantages(trainer.forward(batch), scores)
+    return batch, extra, stats
+
+
+@pytest.mark.parametrize("reference", ["frozen_copy", "lora_disabled"])
+def test_kl_to_the_start_policy_is_zero_and_engine_logprobs_match(reference):
+    trainer = toy_trainer(seed=1, lora=reference == "lora_disabled", dropout=0.1)
+    batch, extra, stats = first_rollout(trainer, 0)
+    mask = batch.response_mask
+    # the HF engine's sampling log-probs on a left-padded batch = the trainer's forward (measured 2.4e-7)
+    assert ((extra["engine_logprobs"] - batch.old_logprobs).abs() * mask).max() < 1e-5
+    # policy == reference (a copy, or a fresh adapter disabled): per-token KL 0
+    assert torch.allclose(batch.old_logprobs * mask, batch.ref_logprobs * mask, atol=1e-6)
+    assert abs(stats["kl/ref"]) < 1e-5
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_first_minibatch_ratio_is_one_with_dropout_turned_off(lora):
+    """Attention (and LoRA) dropout 0.1 in the configs; after one update (a trained, non-zero adapter),
+    the first minibatch of the next rollout has ratio 1, approxkl and clipfrac 0."""
+    trainer = toy_trainer(seed=1, lora=lora, dropout=0.1)
+    trainer.step(toy_prompts(0), share_of_sevens)
+    batch, _, stats = first_rollout(trainer, 1)
+    assert stats["kl/ref"] != 0  # the policy has moved
+    first = batch.select(slice(0, 16))
+    _, m = trainer.minibatch_loss(first, first.response_mask.sum())
+    assert abs(m["policy/ratio_mean"].item() - 1) < 1e-5
+    assert m["policy/approxkl"].item() < 1e-10 and m["policy/clipfrac"].item() == 0
+    assert m["value/clipfrac"].item() == 0  # values equal the rollout's: nothing to clip
+
+
+def test_resumed_loop_repeats_the_uninterrupted_one(tmp_path):
+    """4 updates straight = 2 updates, save, a fresh trainer loads and runs 2 more (same samples, losses)."""
+    straight = toy_trainer(seed=2, max_steps=4)
+    expected = [straight.step(toy_prompts(u), share_of_sevens).metrics for u in range(4)]
+
+    first = toy_trainer(seed=2, max_steps=4)
+    for u in range(2):
+        first.step(toy_prompts(u), share_of_sevens)
+    first.save(tmp_path / "checkpoint-2")
+    assert not (tmp_path / "tmp-checkpoint-2").exists()
+
+    resumed = toy_trainer(seed=2, max_steps=4)  # the same start (= reference) model
+    with torch.no_grad():  # trained weights must all come from the checkpoint
+        for param in [*resumed.roles.policy.parameters(), *resumed.roles.value_head.parameters()]:
+            param.add_(torch.randn_like(param))
+    torch.manual_seed(123)  # and so must the RNG state
+    resumed.load(tmp_path / "checkpoint-2")
+    assert resumed.update == 2
+    got = [resumed.step(toy_prompts(u), share_of_sevens).metrics for u in range(2, 4)]
+    for want, have in zip(expected[2:], got):
+        for key in ("reward/mean", "policy/loss", "value/loss", "kl/ref", "learning_rate"):
+            assert have[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+
+
+def test_config_refuses_bad_values():
+    with pytest.raises(ppo.PPOConfigError) as err:
+        PPOConfig(critic="both", learning_rate=-1, gamma=2)
+    assert {key for key, _ in err.value.problems} == {"critic", "learning_rate", "gamma"}
+    assert PPOConfig(learning_rate="1e-5").learning_rate == 1e-5  # YAML 1.1 reads 1e-5 as a string
+
+
+# ------------------------------------------------------------------ through the CLI
+
+
+def sevens(prompts, completions, **columns):
+    """Share of the completion's characters that are '7'."""
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [t.count("7") / max(len(t), 1) for t in texts]
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models on a shared 2-core machine: one thread per stage is faster
+LORA = {"adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.05}}  # ppo turns the dropout off
+
+
+def rlhf_recipe(tmp_path, model_path):
+    """sft -> rm (reward on preference pairs) -> ppo scored by the rm, all with LoRA."""
+    write_jsonl(tmp_path / "sft.jsonl", sum_rows(32))
+    write_jsonl(tmp_path / "pairs.jsonl", pair_rows(32))
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in sum_rows(16, seed=1)])
+    data = {"sft": {"path": "sft.jsonl"}, "pairs": {"path": "pairs.jsonl"}, "prompts": {"path": "prompts.jsonl"}}
+    common = {"per_device_train_batch_size": 8, "max_steps": 4, "learning_rate": 1e-2, "save_steps": 100}
+    stages = {
+        "sft": {"method": "sft", "data": ["sft"], "args": common},
+        "rm": {"method": "reward", "from": "sft", "data": ["pairs"], "args": common},
+        "ppo": {"method": "ppo", "from": "sft", "data": ["prompts"],
+                "rewards": [{"name": "reward_model", "stage": "rm"}],
+                "rollout": {"backend": "hf", "num_generations": 2, "max_new_tokens": 8},
+                "args": {"learning_rate": 1e-3, "max_steps": 4, "batch_size": 4, "save_steps": 2,
+                         "sample_steps": 2}},
+    }
+    return write_recipe(tmp_path, model_path, stages, data=data, model=LORA)
+
+
+def test_sft_rm_ppo_runs_and_resumes_after_a_kill(tmp_path, tiny_model_path, capfd):
+    recipe, runs = rlhf_recipe(tmp_path, tiny_model_path), tmp_path / "runs"
+    run_dir = runs / "t"
+    res = run_cli(recipe, "--run-dir", runs, "--stage", "rm", env=ONE_THREAD)  # sft, rm first: the kill is for ppo
+    assert res.exit_code == 0, res.output
+
+    res = run_cli(recipe, "--run-dir", runs, env={**ONE_THREAD, "ALIGNKIT_FAULT_KILL_AFTER_SAVE": "2"})
+    assert res.exit_code == 1 and manifest(run_dir, "ppo")["status"] == "failed", res.output
+    assert (run_dir / "ppo" / "checkpoints" / "checkpoint-2" / "policy" / "adapter_model.safetensors").exists()
+    assert not (run_dir / "ppo" / "model").exists()
+
+    res = run_cli(recipe, "--run-dir", runs, env=ONE_THREAD)
+    assert res.exit_code == 0, res.output
+    assert "resuming ppo" in res.output
+    assert "sample at update 4 (reward" in capfd.readouterr().out  # the stage's own stdout
+    for name in ("sft", "rm", "ppo"):
+        assert manifest(run_dir, name)["status"] == "done"
+    man = manifest(run_dir, "ppo")
+    assert man["resumed"] is True and man["info"]["rollout_backend"] == "hf"
+    rows = metrics(run_dir, "ppo")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # each update logged once across the two runs
+    for row in rows:
+        for key in ("reward/mean", "reward/reward_model/mean", "kl/ref", "policy/loss", "policy/clipfrac",
+                    "policy/entropy", "policy/approxkl", "value/loss", "value/explained_var", "value/clipfrac",
+                    "adv/mean", "response/length_mean", "response/truncated_frac", "rollout/logprob_diff",
+                    "rollout/tokens_per_sec", "timing/generate", "timing/train", "learning_rate"):
+            assert key in row, key
+        assert row["rollout/logprob_diff"] < 1e-4  # hf generates with the live policy
+    assert rows[0]["kl/ref"] == pytest.approx(0, abs=1e-5)  # fresh adapter: policy == reference
+    meta = json.loads((run_dir / "ppo" / "model" / "alignkit_model.json").read_text())
+    assert meta == {"kind": "adapter", "base": str(run_dir / "sft" / "merged"), "head": "causal_lm"}
+
+
+@pytest.mark.vllm
+def test_ppo_with_vllm_rollouts_syncs_weights(tmp_path, tiny_model_path):
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user", "content": f"say {i}"}]} for i in range(8)])
+    stages = {"ppo": {
+        "method": "ppo", "data": ["prompts"], "rewards": [{"name": "tests.stages.test_ppo.sevens"}],
+        "rollout": {"backend": "vllm", "num_generations": 2, "max_new_tokens": 8},
+        # a high LR moves the policy far each update: without a sync the gap would be large
+        "args": {"learning_rate": 1e-2, "max_steps": 3, "batch_size": 4, "save_steps": 100},
+    }}
+    recipe = write_recipe(tmp_path, tiny_model_path, stages, data={"prompts": {"path": "prompts.jsonl"}},
+                          model={"adapter": {**LORA["adapter"], "dropout": 0.0}})
+    res = run_cli(recipe, "--run-dir", tmp_path / "runs", env=ONE_THREAD)
+    assert res.exit_code == 0, res.output
+    run_dir = tmp_path / "runs" / "t"
+    assert manifest(run_dir, "ppo")["info"]["rollout_backend"] == "vllm"
+    rows = metrics(run_dir, "ppo")
+    assert len(rows) == 3
+    # the policy moves (KL 0.36 nats by update 3, ~0.05 per token) while vLLM's log-probs follow the
+    # trainer's (measured 1-2e-7 in fp32); a missed sync would leave a gap of the size of that move
+    assert rows[-1]["kl/ref"] > 0.1
+    assert all(r["rollout/logprob_diff"] < 1e-3 for r in rows), [r["rollout/logprob_diff"] for r in rows]
+
+
+def ppo_only(tmp_path, model_path, args: dict, model: dict | None = None):
+    """A recipe with one ppo stage from the base model, rewarded for '7's, hf rollouts; run it."""
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say {i}:"} for i in range(8)])
+    stages = {"ppo": {
+        "method": "ppo", "data": ["prompts"], "rewards": [{"name": "tests.stages.test_ppo.sevens"}],
+        "rollout": {"backend": "hf", "num_generations": 2, "max_new_tokens": 8},
+        "args": {"learning_rate": 1e-3, "max_steps": 2, "batch_size": 4, "save_steps": 1, **args},
+    }}
+    recipe = write_recipe(tmp_path, model_path, stages, data={"prompts": {"path": "prompts.jsonl"}},
+                          **({"model": model} if model else {}))
+    res = run_cli(recipe, "--run-dir", tmp_path / "runs", env=ONE_THREAD)
+    assert res.exit_code == 0, res.output
+    run_dir = tmp_path / "runs" / "t"
+    rows = metrics(run_dir, "ppo")
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["kl/ref"] == pytest.approx(0, abs=1e-5)
+    return run_dir
+
+
+def test_full_fine_tuning_with_a_separate_critic(tmp_path, tiny_model_path):
+    """No adapter (the reference is a frozen copy), critic: separate (from the policy, zero head)."""
+    run_dir = ppo_only(tmp_path, tiny_model_path, {"critic": "separate", "critic_learning_rate": 1e-3})
+    assert (run_dir / "ppo" / "checkpoints" / "checkpoint-1" / "critic" / "model.safetensors").exists()
+    assert (run_dir / "ppo" / "model" / "model.safetensors").exists()
+    assert json.loads((run_dir / "ppo" / "model" / "alignkit_model.json").read_text())["kind"] == "full"
+
+
+def test_qlora(tmp_path, tiny_model_path):
+    """4-bit base + LoRA: the reference is the quantized base with the adapter disabled."""
+    run_dir = ppo_only(tmp_path, tiny_model_path, {}, model={**LORA, "quantization": {"bits": 4}})
+    assert (run_dir / "ppo" / "model" / "adapter_model.safetensors").exists()
