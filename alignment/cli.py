@@ -88,14 +88,18 @@ def run(
         console.print(f"report: [bold]{write_report(pipe.run_dir)}[/]")
 
 
+SUMMARY_METRICS = ("reward/mean", "train_loss")  # the first one a stage reports goes in the summary
+
+
 def _summary(rows: list[dict], run_dir: Path) -> None:
     table = Table(title="summary", title_justify="left")
-    for col in ("stage", "method", "status", "time", "train loss", "artifact"):
+    for col in ("stage", "method", "status", "time", "final", "artifact"):
         table.add_column(col)
     for r in rows:
-        loss = r["metrics"].get("train_loss")
+        key = next((k for k in SUMMARY_METRICS if isinstance(r["metrics"].get(k), (int, float))), None)
+        final = f"{key} {r['metrics'][key]:.4g}" if key else "-"
         table.add_row(r["stage"], r["method"], r["status"], f"{r['seconds']:.0f}s" if r["seconds"] else "-",
-                      f"{loss:.4f}" if isinstance(loss, (int, float)) else "-", str(run_dir / r["stage"] / "model"))
+                      final, str(run_dir / r["stage"] / "model"))
     console.print(table)
     console.print(f"run directory: [bold]{run_dir}[/]")
 
