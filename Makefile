@@ -47,6 +47,7 @@ demo: install
 bench: install
 	$(BIN)/python -c "from alignment.models import bundled_path; bundled_path('smollm2-135m-instruct')"
 	$(BIN)/python bench/rollout_bench.py --out bench/results/rollout.json
+	$(BIN)/python bench/rl_step_bench.py --out bench/results/rl_step.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -88,7 +88,15 @@ def run(
         console.print(f"report: [bold]{write_report(pipe.run_dir)}[/]")
 
 
-SUMMARY_METRICS = ("reward/mean", "train_loss")  # the first one a stage reports goes in the summary
+SUMMARY_METRICS = ("reward/mean", "train_loss")  # else the first one a stage reports goes in the summary
+
+
+def _headline(metrics: dict) -> str:
+    """RL stages: reward over the first -> last quarter of steps; others: their final loss."""
+    if isinstance(metrics.get("reward/first_quarter"), (int, float)):
+        return f"reward {metrics['reward/first_quarter']:.3g} → {metrics['reward/last_quarter']:.3g}"
+    key = next((k for k in SUMMARY_METRICS if isinstance(metrics.get(k), (int, float))), None)
+    return f"{key} {metrics[key]:.4g}" if key else "-"
 
 
 def _summary(rows: list[dict], run_dir: Path) -> None:
@@ -96,8 +104,7 @@ def _summary(rows: list[dict], run_dir: Path) -> None:
     for col in ("stage", "method", "status", "time", "final", "artifact"):
         table.add_column(col)
     for r in rows:
-        key = next((k for k in SUMMARY_METRICS if isinstance(r["metrics"].get(k), (int, float))), None)
-        final = f"{key} {r['metrics'][key]:.4g}" if key else "-"
+        final = _headline(r["metrics"])
         table.add_row(r["stage"], r["method"], r["status"], f"{r['seconds']:.0f}s" if r["seconds"] else "-",
                       final, str(run_dir / r["stage"] / "model"))
     console.print(table)

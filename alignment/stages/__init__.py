@@ -157,7 +157,8 @@ class StageContext:
             print(f"alignkit: resuming {self.name} from {Path(resume).name}", flush=True)
             truncate_metrics(self.metrics_file, int(Path(resume).name.split("-")[-1]))
         out = trainer.train(resume_from_checkpoint=resume)
-        return {k: v for k, v in (out.metrics or {}).items() if isinstance(v, (int, float))}
+        metrics = {k: v for k, v in (out.metrics or {}).items() if isinstance(v, (int, float))}
+        return {**metrics, **reward_trend(self.metrics_file)}
 
     def save(self, trainer, tokenizer, head: str = "causal_lm") -> None:
         """Save the trained model as this stage's artifact (all ranks join; the main one writes)."""
@@ -181,6 +182,23 @@ def stage_weights(recipe: Recipe, run_dir: Path, name: str) -> str:
     if name == BASE:
         return resolve_model_path(recipe.model.name_or_path)
     return str(full_weights(run_dir / name / "model"))
+
+
+REWARD_KEYS = ("reward/mean", "reward")  # what RL stages log per step (ours, TRL's)
+
+
+def reward_trend(path: Path) -> dict[str, float]:
+    """Mean reward over the first and the last quarter of the logged steps: one step's reward is
+    noisy (a handful of prompts), so the summary and the closing numbers compare quarters."""
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    key = next((k for k in REWARD_KEYS if any(isinstance(r.get(k), (int, float)) for r in rows)), None)
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))] if key else []
+    if len(values) < 2:
+        return {}
+    n = max(1, len(values) // 4)
+    return {"reward/first_quarter": sum(values[:n]) / n, "reward/last_quarter": sum(values[-n:]) / n}
 
 
 def truncate_metrics(path: Path, step: int) -> None:

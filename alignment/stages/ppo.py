@@ -33,7 +33,7 @@ from alignment.algos import (
 )
 from alignment.recipe import RolloutConfig
 from alignment.rollout import Completion, SamplingConfig
-from alignment.stages import StageContext, StageResult, stage, truncate_metrics
+from alignment.stages import StageContext, StageResult, reward_trend, stage, truncate_metrics
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -73,6 +73,7 @@ class PPOConfig:
     adam_eps: float = 1.0e-5  # N+
     weight_decay: float = 0.0
     critic: Literal["value_head", "separate"] = "value_head"  # separate: own model, from the RM or the policy
+    bf16: bool = False  # bf16 autocast for the models' forward/backward (weights, values and losses stay fp32)
     save_steps: Optional[int] = None  # checkpoint every N updates; None = max_steps // 5
     save_total_limit: int = 2
     logging_steps: int = 1
@@ -243,15 +244,17 @@ def policy_forward(model, batch: RolloutBatch, temperature: float, *, value_head
     ent = entropy_from_logits(logits, temperature) if entropy else None
     values = None
     if value_head is not None:
-        values = value_head(out.hidden_states[-1][:, -length - 1:-1].float()).squeeze(-1)
+        with torch.autocast(out.logits.device.type, enabled=False):  # values feed GAE: fp32 even under bf16
+            values = value_head(out.hidden_states[-1][:, -length - 1:-1].float()).squeeze(-1)
     return logprobs, ent, values
 
 
 def critic_forward(critic, batch: RolloutBatch):
     """Values (B, T) of a separate critic: its sequence-classification head at every state, not pooled."""
     out = critic(**_model_inputs(batch), output_hidden_states=True)
-    start = batch.query_ids.shape[1] - 1
-    return critic.score(out.hidden_states[-1][:, start:-1]).squeeze(-1).float()
+    hidden = out.hidden_states[-1][:, batch.query_ids.shape[1] - 1:-1]
+    with torch.autocast(hidden.device.type, enabled=False):  # values feed GAE: fp32 even under bf16
+        return critic.score(hidden.to(critic.score.weight.dtype)).squeeze(-1).float()
 
 
 def collate(completions: list[Completion], *, pad_id: int, stop_id: int, device) -> tuple[RolloutBatch, dict]:
@@ -350,6 +353,10 @@ class PPOTrainer:
         self.policy_loss = POLICY_LOSSES.get("ppo_clip")
         self.update = 0  # updates done
 
+    def autocast(self):
+        """bf16 autocast around the models' forward passes when `bf16` (mixed precision, like TRL's `bf16`)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
     # -------------------------------------------------------------- phases
 
     def generate(self, prompt_ids: list[list[int]]) -> tuple[list[Completion], RolloutBatch, dict]:
@@ -378,16 +385,17 @@ class PPOTrainer:
         temperature, roles = self.sampling.temperature, self.roles
         old, ref, values = [], [], []
         for part in self._chunks(batch, max(1, len(batch) // self.cfg.num_minibatches)):
-            lp, _, v = policy_forward(roles.policy, part, temperature, value_head=roles.value_head)
+            with self.autocast():
+                lp, _, v = policy_forward(roles.policy, part, temperature, value_head=roles.value_head)
+                if roles.critic is not None:
+                    v = critic_forward(roles.critic, part)
+                if roles.reference is not None:
+                    ref.append(policy_forward(roles.reference, part, temperature)[0])
+                else:
+                    with roles.policy.disable_adapter():
+                        ref.append(policy_forward(roles.policy, part, temperature)[0])
             old.append(lp)
-            if roles.critic is not None:
-                v = critic_forward(roles.critic, part)
             values.append(v)
-            if roles.reference is not None:
-                ref.append(policy_forward(roles.reference, part, temperature)[0])
-            else:
-                with roles.policy.disable_adapter():
-                    ref.append(policy_forward(roles.policy, part, temperature)[0])
         return dataclasses.replace(batch, old_logprobs=torch.cat(old), ref_logprobs=torch.cat(ref),
                                    values=torch.cat(values))
 
@@ -411,10 +419,11 @@ class PPOTrainer:
         """loss = policy + vf_coef * value - entropy_coef * entropy on `part`, each aggregated with the
         minibatch's `normalizer`, so micro-batch losses (and gradients) sum to the minibatch's."""
         cfg, roles, mask = self.cfg, self.roles, part.response_mask
-        logprobs, entropy, values = policy_forward(roles.policy, part, self.sampling.temperature,
-                                                   value_head=roles.value_head, entropy=True)
-        if roles.critic is not None:
-            values = critic_forward(roles.critic, part)
+        with self.autocast():
+            logprobs, entropy, values = policy_forward(roles.policy, part, self.sampling.temperature,
+                                                       value_head=roles.value_head, entropy=True)
+            if roles.critic is not None:
+                values = critic_forward(roles.critic, part)
         per_token, metrics = self.policy_loss(logprobs, part.old_logprobs, part.advantages, mask,
                                               clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
                                               dual_clip=cfg.dual_clip)
@@ -756,7 +765,8 @@ def run(ctx: StageContext) -> StageResult:
 
     save_artifact(policy, tokenizer, ctx.model_dir, base=ctx.start_path(), head="causal_lm")
     final = {k: stats.metrics[k] for k in ("reward/mean", "kl/ref", "value/explained_var")} if stats else {}
-    return StageResult(metrics={**final, "updates": trainer.update, "train_runtime": round(time.time() - started, 1)},
+    return StageResult(metrics={**final, **reward_trend(ctx.metrics_file), "updates": trainer.update,
+                                "train_runtime": round(time.time() - started, 1)},
                        info={"rollout_backend": engine.name})
 
 

@@ -45,3 +45,7 @@ def test_grpo_raises_reward(tmp_path, tiny_model_path, backend):
     assert sum(curve[-3:]) / 3 > 2 * sum(curve[:3]) / 3 + 0.02, curve
     man = json.loads((run_dir / "grpo" / "manifest.json").read_text())
     assert man["info"]["rollout_backend"] == backend
+    # the quarters the summary prints come from the same log
+    assert man["metrics"]["reward/first_quarter"] == pytest.approx(sum(curve[:3]) / 3)
+    assert man["metrics"]["reward/last_quarter"] == pytest.approx(sum(curve[-3:]) / 3)
+    assert "reward " in res.output and " → " in res.output

@@ -106,13 +106,17 @@ def reward_curve(trainer: PPOTrainer, updates: int = 20) -> list[float]:
     return [trainer.step(toy_prompts(u), share_of_sevens).metrics["reward/mean"] for u in range(updates)]
 
 
-@pytest.mark.parametrize("critic", ["value_head", "separate"])
-def test_toy_task_learns_to_say_seven(critic):
-    curve = reward_curve(toy_trainer(seed=0, critic=critic))
+@pytest.mark.parametrize("critic,bf16", [("value_head", False), ("separate", False), ("value_head", True)],
+                         ids=["value_head", "separate", "value_head-bf16"])
+def test_toy_task_learns_to_say_seven(critic, bf16):
+    trainer = toy_trainer(seed=0, critic=critic, bf16=bf16)
+    curve = reward_curve(trainer)
     start, end = sum(curve[:3]) / 3, sum(curve[15:]) / 5
     # checklist (3 seeds): 0.023-0.035 -> 0.63-0.67; here seeds 0/1/2: 0.03-0.04 -> 0.63-0.73 (value head),
     # 0.03-0.04 -> 0.62-0.71 (separate critic)
     assert end >= 0.3 and end >= 5 * start, curve
+    batch, _, _ = first_rollout(trainer, 0)
+    assert batch.values.dtype == batch.old_logprobs.dtype == torch.float32  # bf16 autocast: GAE inputs stay fp32
 
 
 def test_sign_flipped_advantages_unlearn(monkeypatch):
