@@ -56,8 +56,9 @@ def bench(method: str, backend: str, steps: int, workdir: Path) -> dict:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{method}/{backend} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (workdir / f"bench-{method}-{backend}" / method / "metrics.jsonl").open()]
     key = "step_time" if method == "grpo" else "timing/step"
+    rows = [json.loads(line) for line in (workdir / f"bench-{method}-{backend}" / method / "metrics.jsonl").open()]
+    rows = [r for r in rows if key in r]  # TRL's last line is the run's summary
     row = {"method": method, "backend": backend, "steps": len(rows),
            "stage_wall_s": time.perf_counter() - started,
            "step_s": statistics.median(r[key] for r in rows[1:]),
