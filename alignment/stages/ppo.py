@@ -73,6 +73,7 @@ class PPOConfig:
     adam_eps: float = 1.0e-5  # N+
     weight_decay: float = 0.0
     critic: Literal["value_head", "separate"] = "value_head"  # separate: own model, from the RM or the policy
+    critic_warmup: int = 0  # first N updates train the critic only (verl): a baseline before the policy moves
     bf16: bool = False  # bf16 autocast for the models' forward/backward (weights, values and losses stay fp32)
     save_steps: Optional[int] = None  # checkpoint every N updates; None = max_steps // 5
     save_total_limit: int = 2
@@ -122,7 +123,8 @@ def _config_problems(cfg: PPOConfig) -> list[tuple[str, str]]:
             problems.append((f.name, f"must be > 0, got {value}"))
         if f.name in _UNIT and not 0 <= value <= 1:
             problems.append((f.name, f"must be in [0, 1], got {value}"))
-        if f.name in ("vf_coef", "entropy_coef", "kl_coef", "weight_decay", "missing_eos_penalty") and value < 0:
+        if f.name in ("vf_coef", "entropy_coef", "kl_coef", "weight_decay", "missing_eos_penalty",
+                      "critic_warmup") and value < 0:
             problems.append((f.name, f"must be >= 0, got {value}"))
     if cfg.dual_clip is not None and isinstance(cfg.dual_clip, float) and cfg.dual_clip <= 1:
         problems.append(("dual_clip", f"must be > 1 (or null), got {cfg.dual_clip}"))
@@ -233,9 +235,11 @@ def _model_inputs(batch: RolloutBatch) -> dict:
             "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "use_cache": False}
 
 
-def policy_forward(model, batch: RolloutBatch, temperature: float, *, value_head=None, entropy: bool = False):
+def policy_forward(model, batch: RolloutBatch, temperature: float, *, value_head=None, entropy: bool = False,
+                   detach_trunk: bool = False):
     """Log-probs of the response tokens (B, T) at `temperature`, and optionally their entropy and the value
-    head's values (B, T), read at the state before each token (the logits' shifted positions)."""
+    head's values (B, T), read at the state before each token (the logits' shifted positions).
+    `detach_trunk`: value gradients stop at the head (critic warm-up leaves the policy as it is)."""
     length = batch.response_ids.shape[1]
     # logits only for the last T + 1 positions: the lm_head over a long prompt would be wasted
     out = model(**_model_inputs(batch), output_hidden_states=value_head is not None, logits_to_keep=length + 1)
@@ -245,7 +249,8 @@ def policy_forward(model, batch: RolloutBatch, temperature: float, *, value_head
     values = None
     if value_head is not None:
         with torch.autocast(out.logits.device.type, enabled=False):  # values feed GAE: fp32 even under bf16
-            values = value_head(out.hidden_states[-1][:, -length - 1:-1].float()).squeeze(-1)
+            hidden = out.hidden_states[-1][:, -length - 1:-1].float()
+            values = value_head(hidden.detach() if detach_trunk else hidden).squeeze(-1)
     return logprobs, ent, values
 
 
@@ -419,9 +424,10 @@ class PPOTrainer:
         """loss = policy + vf_coef * value - entropy_coef * entropy on `part`, each aggregated with the
         minibatch's `normalizer`, so micro-batch losses (and gradients) sum to the minibatch's."""
         cfg, roles, mask = self.cfg, self.roles, part.response_mask
+        warming = self.update < cfg.critic_warmup
         with self.autocast():
             logprobs, entropy, values = policy_forward(roles.policy, part, self.sampling.temperature,
-                                                       value_head=roles.value_head, entropy=True)
+                                                       value_head=roles.value_head, entropy=True, detach_trunk=warming)
             if roles.critic is not None:
                 values = critic_forward(roles.critic, part)
         per_token, metrics = self.policy_loss(logprobs, part.old_logprobs, part.advantages, mask,
@@ -433,8 +439,10 @@ class PPOTrainer:
                                                             clip_eps_value=cfg.clip_eps_value)
         policy_loss = aggregate_loss(per_token, mask, cfg.loss_agg_mode, normalizer)
         value_loss = aggregate_loss(value_per_token, mask, cfg.loss_agg_mode, normalizer)
-        loss = policy_loss + cfg.vf_coef * value_loss
-        if cfg.entropy_coef:
+        loss = cfg.vf_coef * value_loss
+        if not warming:
+            loss = loss + policy_loss
+        if cfg.entropy_coef and not warming:
             loss = loss - cfg.entropy_coef * aggregate_loss(entropy, mask, cfg.loss_agg_mode, normalizer)
         metrics = {**metrics, **value_metrics, "policy/loss": policy_loss.detach(), "value/loss": value_loss.detach(),
                    "policy/entropy": masked_mean(entropy.detach(), mask)}

@@ -119,6 +119,22 @@ def test_toy_task_learns_to_say_seven(critic, bf16):
     assert batch.values.dtype == batch.old_logprobs.dtype == torch.float32  # bf16 autocast: GAE inputs stay fp32
 
 
+@pytest.mark.parametrize("critic", ["value_head", "separate"])
+def test_critic_warmup_trains_the_critic_alone(critic):
+    """critic_warmup: 2 -> updates 1-2 train the critic and leave the policy untouched (value gradients
+    stop at a value head); update 3 moves the policy."""
+    trainer = toy_trainer(seed=3, critic=critic, critic_warmup=2)
+    value_module = trainer.roles.value_head if critic == "value_head" else trainer.roles.critic
+    policy = [p.detach().clone() for p in trainer.roles.policy.parameters()]
+    value = [p.detach().clone() for p in value_module.parameters()]
+    for u in range(2):
+        trainer.step(toy_prompts(u), share_of_sevens)
+    assert all(torch.equal(a, b) for a, b in zip(policy, trainer.roles.policy.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(value, value_module.parameters()))
+    trainer.step(toy_prompts(2), share_of_sevens)
+    assert not all(torch.equal(a, b) for a, b in zip(policy, trainer.roles.policy.parameters()))
+
+
 def test_sign_flipped_advantages_unlearn(monkeypatch):
     """Negative control: the same run with every advantage negated ends below its start."""
     gae = ppo.compute_gae
