@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -46,3 +47,34 @@ def metrics(run_dir: Path, stage: str) -> list[dict]:
 
 def losses(run_dir: Path, stage: str, key: str = "loss") -> list[float]:
     return [m[key] for m in metrics(run_dir, stage) if key in m]
+
+
+def run_cli(*args, env=None):
+    """`alignkit run ARGS...` in this process (typer's CliRunner), with `env` set for the call."""
+    from typer.testing import CliRunner
+
+    from alignment.cli import app
+
+    old = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        return CliRunner().invoke(app, ["run", *map(str, args)])
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def manifest(run_dir: Path, stage: str) -> dict:
+    return json.loads((Path(run_dir) / stage / "manifest.json").read_text())
+
+
+def pair_rows(n: int = 32, seed: int = 0) -> list[dict]:
+    """Chat preference rows 'a+b=' -> chosen 'a+b', rejected 'no idea'."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        rows.append({"prompt": [{"role": "user", "content": f"{a}+{b}="}],
+                     "chosen": [{"role": "assistant", "content": str(a + b)}],
+                     "rejected": [{"role": "assistant", "content": "no idea"}]})
+    return rows

@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from tests.helpers import metrics, write_jsonl, write_recipe
-from tests.stages.test_pipeline import run_cli
+from tests.helpers import metrics, run_cli, write_jsonl, write_recipe
 
 
 def sevens(prompts, completions, **columns):

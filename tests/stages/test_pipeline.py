@@ -2,32 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-from typer.testing import CliRunner
 
-from alignment.cli import app
 from alignment.pipeline import Pipeline, RunLocked, run_lock
 from alignment.recipe import load_recipe
-from tests.helpers import losses, metrics, write_recipe
+from tests.helpers import losses, manifest, metrics, run_cli, write_recipe
 
 SFT = {"method": "sft", "data": ["sft"],
        "args": {"learning_rate": 3.0e-3, "max_steps": 12, "per_device_train_batch_size": 8, "save_steps": 4}}
 
-
-def run_cli(*args, env=None):
-    old = dict(os.environ)
-    os.environ.update(env or {})
-    try:
-        return CliRunner().invoke(app, ["run", *map(str, args)])
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
-
-
-def manifest(run_dir, stage):
-    return json.loads((run_dir / stage / "manifest.json").read_text())
 
 
 def test_sft_trains_skips_when_done_and_reruns_when_stale(tmp_path, tiny_model_path):

@@ -16,9 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from alignment.rollout import HFEngine, SamplingConfig
 from alignment.stages import ppo
 from alignment.stages.ppo import PPOConfig, PPOTrainer, Roles, disable_dropout, new_value_head
-from tests.helpers import metrics, sum_rows, write_jsonl, write_recipe
-from tests.stages.test_pipeline import manifest, run_cli
-from tests.stages.test_preference import pair_rows
+from tests.helpers import manifest, metrics, pair_rows, run_cli, sum_rows, write_jsonl, write_recipe
 
 
 

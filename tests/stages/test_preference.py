@@ -4,30 +4,18 @@ Each with LoRA and with QLoRA (nf4 on CPU)."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 
 from alignment.models import load_pretrained, load_tokenizer
-from tests.helpers import write_jsonl, write_recipe
-from tests.stages.test_pipeline import run_cli
+from tests.helpers import manifest, pair_rows, run_cli, write_jsonl, write_recipe
 
 ADAPTERS = {
     "lora": {"adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0}},
     "qlora": {"adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0}, "quantization": {"bits": 4}},
 }
 
-
-def pair_rows(n=32, seed=0):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        rows.append({"prompt": [{"role": "user", "content": f"{a}+{b}="}],
-                     "chosen": [{"role": "assistant", "content": str(a + b)}],
-                     "rejected": [{"role": "assistant", "content": "no idea"}]})
-    return rows
 
 
 def completion_logprob(model, tok, prompt, completion) -> float:
@@ -69,9 +57,6 @@ def chained_run(request, tmp_path_factory, tiny_model_path):
     assert res.exit_code == 0, res.output
     return tmp / "runs" / "t", rows
 
-
-def manifest(run_dir, stage):
-    return json.loads((run_dir / stage / "manifest.json").read_text())
 
 
 def test_stages_start_from_the_sft_artifact(chained_run):
