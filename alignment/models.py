@@ -279,35 +279,75 @@ def load_pretrained(model_dir: Path | str, *, dtype="float32", head: Optional[st
     return load_model(str(path), cfg, head=head or "causal_lm")
 
 
-class RewardScorer:
-    """Scores (prompt, completion) pairs with a reward stage's sequence-classification model.
+REWARD_HEAD = "sequence_classification"  # the head of a `method: reward` stage's artifact
 
-    Prompts and completions may be strings or chat messages; chat goes through the template, as
-    in RewardTrainer. Returns one float per pair (the head's output at the last token).
+
+def reward_input_ids(tokenizer, prompt, completion) -> list[int]:
+    """Token ids of (prompt, completion) exactly as TRL's RewardTrainer (1.16, `_prepare_dataset`) tokenizes
+    a training pair, so a reward model scores the inputs it was trained on.
+
+    Conversations (`prompt` a list of messages): `apply_chat_template(prompt + completion, tokenize=True)`,
+    no generation prompt, the template writing its own special tokens. Plain text: `tokenizer(prompt +
+    completion + eos_token)` -- EOS appended unless the text ends with it, the tokenizer's own special
+    tokens (BOS) added.
+
+    Args:
+        prompt: a string, or chat messages.
+        completion: a string, or assistant messages (a string is wrapped into one assistant message
+            after a chat prompt; after a string prompt a message list gives its last message's content).
+    """
+    if isinstance(prompt, list):
+        messages = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        return list(tokenizer.apply_chat_template(prompt + messages, tokenize=True, return_dict=True)["input_ids"])
+    text = prompt + (completion if isinstance(completion, str) else completion[-1]["content"])
+    eos = tokenizer.eos_token or ""
+    return tokenizer(text=text if text.endswith(eos) else text + eos)["input_ids"]
+
+
+class RewardScorer:
+    """Scores (prompt, completion) pairs with a reward stage's sequence-classification model: the one
+    scorer behind the `reward_model` reward (GRPO, PPO) and the `reward_score` / `win_rate` /
+    `preference_accuracy` evals.
+
+    Inputs are tokenized as RewardTrainer trained on (`reward_input_ids`) and right-padded as its
+    collator pads them; the score is the head's output at the last non-pad token.
+
+    Args:
+        model: a loaded sequence-classification model with one label (eval mode).
+        tokenizer: the reward stage's tokenizer (with a pad token).
+        batch_size: pairs per forward pass.
     """
 
-    def __init__(self, model_dir: Path | str, *, batch_size: int = 16):
+    def __init__(self, model, tokenizer, *, batch_size: int = 16):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+
+    @classmethod
+    def load(cls, model_dir: Path | str, *, dtype: str = "float32", batch_size: int = 16) -> "RewardScorer":
+        """The scorer of a reward stage's artifact (`STAGE/model/`, adapters merged), on CUDA when there is one.
+
+        Raises:
+            ValueError: `model_dir` holds an artifact with another head (not a reward model).
+        """
         import torch
 
-        self.tokenizer = load_tokenizer(str(model_dir))
-        self.tokenizer.padding_side = "right"
-        self.model = load_pretrained(model_dir, head="sequence_classification").eval()
-        self.model.to("cuda" if torch.cuda.is_available() else "cpu")
-        self.batch_size = batch_size
+        head = read_artifact(Path(model_dir))["head"] if Path(model_dir).is_dir() else REWARD_HEAD
+        if head != REWARD_HEAD:
+            raise ValueError(f"{model_dir} is not a reward model (head: {head}); name a stage with method: reward")
+        model = load_pretrained(model_dir, dtype=dtype, head=REWARD_HEAD).eval()
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(model, load_tokenizer(str(model_dir)), batch_size=batch_size)
 
-    def text(self, prompt, completion) -> str:
-        if isinstance(prompt, list):
-            completion = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
-            return self.tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-        return prompt + (completion if isinstance(completion, str) else completion[0]["content"])
-
-    def __call__(self, prompts, completions) -> list[float]:
+    def __call__(self, prompts: list, completions: list, *, batch_size: int | None = None) -> list[float]:
+        """One score per pair (prompts and completions as `reward_input_ids` takes them);
+        `batch_size` overrides the scorer's."""
         import torch
 
-        texts = [self.text(p, c) for p, c in zip(prompts, completions)]
-        scores = []
-        for i in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        step = batch_size or self.batch_size
+        seqs = [reward_input_ids(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        scores: list[float] = []
+        for start in range(0, len(seqs), step):
+            batch = self.tokenizer.pad({"input_ids": seqs[start:start + step]}, padding_side="right",
+                                       return_tensors="pt")
             with torch.no_grad():
                 out = self.model(**batch.to(self.model.device)).logits[:, 0]
             scores += out.float().tolist()

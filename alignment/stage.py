@@ -44,7 +44,7 @@ def _install_reward_model_loader(run_dir: Path) -> None:
     from alignment.models import RewardScorer
     from rewards.model import set_stage_model_loader
 
-    set_stage_model_loader(lambda stage: RewardScorer(run_dir / stage / "model"))
+    set_stage_model_loader(lambda stage: RewardScorer.load(run_dir / stage / "model"))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """What an eval task is handed (`EvalContext`) and what it returns (`EvalResult`), and the shared
-model work: generation (through `alignment.rollout`), per-token log-probs, reward-model scores.
+model work: generation (through the `alignment.rollout` engines: `Completion`s), per-token
+log-probs, reward-model scores (through `alignment.models.RewardScorer`).
 
 A task is `fn(ctx: EvalContext, **args) -> EvalResult`, registered with `@task("name")`; the
 recipe's `evals[i].args` bind to its keywords, except the context keys (`CONTEXT_ARGS`) that pick
@@ -12,9 +13,12 @@ import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 from alignment.registry import Registry, did_you_mean
+
+if TYPE_CHECKING:
+    from alignment.rollout import Completion
 
 
 @dataclass
@@ -105,24 +109,16 @@ def prompt_text(prompt) -> str:
     return str(users[-1].get("content", "")) if users else ""
 
 
-def encode_prompt(tokenizer, prompt) -> list[int]:
-    """Token ids of a prompt: a string as is (with the tokenizer's own special tokens); a
-    conversation through the chat template with the assistant turn opened -- as `alignment.rollout`."""
-    if isinstance(prompt, str):
-        return tokenizer(prompt)["input_ids"]
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def encode_pair(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) the way TRL's SFT/DPO trainers build them.
 
     Strings: the completion gets EOS appended. Conversations: the completion is what the chat
     template writes after the prompt's opened assistant turn, up to and including EOS.
     """
+    from alignment.rollout import encode_prompts
     from rewards.base import completion_text
 
-    prompt_ids = encode_prompt(tokenizer, prompt)
+    [prompt_ids] = encode_prompts(tokenizer, [prompt])
     if isinstance(prompt, str):
         text = completion_text(completion)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -147,96 +143,26 @@ def split_messages(messages: list[dict]) -> tuple[list[dict], list[dict]]:
     raise ValueError(f"a messages row must end with an assistant turn, got role {messages[-1].get('role')!r}")
 
 
-def chat_text(tokenizer, prompt, completion: str) -> list[int]:
-    """Token ids of prompt + completion as TRL's RewardTrainer tokenizes them (for a reward model)."""
-    if isinstance(prompt, str):
-        eos = tokenizer.eos_token or ""
-        text = prompt + completion
-        return tokenizer(text if text.endswith(eos) else text + eos)["input_ids"]
-    messages = list(prompt) + [{"role": "assistant", "content": completion}]
-    return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
-
-
-# ---------------------------------------------------------------- generation
-
-
-@dataclass
-class Generation:
-    """One completion: text (special tokens skipped), its token ids (with the stop token, if any)."""
-
-    text: str
-    completion_ids: list[int]
-    finish_reason: str  # "stop" | "length"
-
-
-class _HFGenerator:
-    """Left-padded batched `generate`: the fallback while `alignment.rollout` is unavailable."""
-
-    name = "hf"
-
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, n: int, temperature: float, seed: int):
-        import torch
-
-        tok, model = self.tokenizer, self.model
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        rows = [ids for ids in prompts for _ in range(n)]
-        width = max(len(ids) for ids in rows)
-        device = next(model.parameters()).device
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad, eos_token_id=tok.eos_token_id, **sampling)
-        gens = []
-        for tokens in out[:, width:].tolist():
-            stop = tokens.index(tok.eos_token_id) + 1 if tok.eos_token_id in tokens else len(tokens)
-            finish = "stop" if tok.eos_token_id in tokens else "length"
-            gens.append(Generation(tok.decode(tokens[:stop], skip_special_tokens=True), tokens[:stop], finish))
-        return [gens[i:i + n] for i in range(0, len(gens), n)]
-
-    def close(self):
-        self.model = None
-
-
-class _RolloutGenerator:
-    """An `alignment.rollout` engine behind the same call as `_HFGenerator`."""
-
-    def __init__(self, engine):
-        self.engine, self.name = engine, engine.name
-
-    def generate(self, prompts, max_new_tokens, n, temperature, seed):
-        from alignment.rollout import SamplingConfig
-
-        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed)
-        return [[Generation(c.text, list(c.completion_ids), c.finish_reason) for c in group]
-                for group in self.engine.generate(prompts, sampling)]
-
-    def close(self):
-        self.engine.close()
-
-
 class Session:
-    """What outlives one task: loaded models, the open engine, and generations already made
-    (base's completions are reused by every stage's `win_rate`). `release()` between stages."""
+    """What outlives one task: loaded models and reward scorers, the open rollout engine, and
+    generations already made (base's completions are reused by every stage's `win_rate`).
+    `release()` between stages."""
 
     def __init__(self):
-        self.models: dict[tuple[str, str], Any] = {}
+        self.models: dict[str, Any] = {}
+        self.scorers: dict[str, Any] = {}  # reward-model folder -> alignment.models.RewardScorer
         self.tokenizers: dict[str, Any] = {}
-        self.generator: Any = None
-        self.generator_key: Optional[tuple] = None
-        self.generations: dict[str, list[list[Generation]]] = {}
+        self.engine: Any = None  # an alignment.rollout engine
+        self.engine_key: Optional[tuple] = None
+        self.generations: dict[str, list[list[Completion]]] = {}
         self.backends: dict[str, str] = {}  # requested -> resolved (auto prints its choice once)
 
     def release(self) -> None:
-        if self.generator is not None:
-            self.generator.close()
-        self.generator, self.generator_key = None, None
+        if self.engine is not None:
+            self.engine.close()
+        self.engine, self.engine_key = None, None
         self.models.clear()
+        self.scorers.clear()
         gc.collect()
         try:
             import torch
@@ -289,19 +215,19 @@ class EvalContext:
             self.session.tokenizers[path] = load_tokenizer(path)
         return self.session.tokenizers[path]
 
-    def model(self, path: Optional[str] = None, head: str = "causal_lm"):
-        """A loaded model (eval mode, cached for the stage): the evaluated one by default."""
+    def model(self, path: Optional[str] = None):
+        """A loaded causal LM (eval mode, cached for the stage): the evaluated one by default."""
         path = path or self.model_path
-        if (path, head) not in self.session.models:
+        if path not in self.session.models:
             from alignment.models import load_pretrained
 
             import torch
 
-            model = load_pretrained(path, dtype=self.dtype, head=head)
+            model = load_pretrained(path, dtype=self.dtype, head="causal_lm")
             if torch.cuda.is_available():
                 model = model.to("cuda")
-            self.session.models[(path, head)] = model.eval()
-        return self.session.models[(path, head)]
+            self.session.models[path] = model.eval()
+        return self.session.models[path]
 
     def model_dir(self, name_or_path: str) -> str:
         """Full weights of a stage of this run (by name), `base`, or a folder."""
@@ -316,48 +242,46 @@ class EvalContext:
     # ------------------------------------------------------------ generation
 
     def generate(self, prompts: list, max_new_tokens: int, n: int = 1, temperature: float = 0.0, *,
-                 model_path: Optional[str] = None) -> list[list[Generation]]:
+                 model_path: Optional[str] = None) -> list[list[Completion]]:
         """`n` completions per prompt (strings or conversations) from `model_path` (default: the
-        evaluated model); greedy at temperature 0. Remembered for the rest of the session."""
+        evaluated model) through an `alignment.rollout` engine; greedy at temperature 0. Remembered
+        for the rest of the session."""
+        from alignment.rollout import SamplingConfig, encode_prompts
+
         path = model_path or self.model_path
         key = json.dumps([path, self.backend, prompts, max_new_tokens, n, temperature, self.seed], default=str)
         if key in self.session.generations:
             return self.session.generations[key]
-        tokenizer = self.tokenizer_for(path)
-        ids = [encode_prompt(tokenizer, p) for p in prompts]
-        generator = self._generator(path)
-        step = self.batch_size if generator.name == "hf" else max(len(ids), 1)  # vLLM batches itself
-        out: list[list[Generation]] = []
+        ids = encode_prompts(self.tokenizer_for(path), prompts)
+        engine = self._engine(path)
+        step = self.batch_size if engine.name == "hf" else max(len(ids), 1)  # vLLM batches itself
+        out: list[list[Completion]] = []
         with _progress(self.console, f"generating ({self.stage})", len(ids)) as advance:
             for start in range(0, len(ids), step):
-                out += generator.generate(ids[start:start + step], max_new_tokens, n, temperature, self.seed + start)
+                sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, n=n,
+                                          seed=self.seed + start)
+                out += engine.generate(ids[start:start + step], sampling)
                 advance(len(ids[start:start + step]))
         self.session.generations[key] = out
         return out
 
-    def _generator(self, path: str):
-        key = (path, self.backend)
-        if self.session.generator_key == key:
-            return self.session.generator
-        if self.session.generator is not None:
-            self.session.generator.close()
-        self.session.generator = self._make_generator(path)
-        self.session.generator_key = key
-        return self.session.generator
+    def _engine(self, path: str):
+        """The session's engine for `path` (one at a time: another model closes the open one)."""
+        from alignment.rollout import make_engine, resolve_backend
 
-    def _make_generator(self, path: str):
-        try:
-            from alignment.rollout import make_engine, resolve_backend
-        except ImportError:
-            if self.backend not in ("auto", "hf"):
-                raise ImportError(f"eval backend '{self.backend}' needs alignment.rollout, which does not import") from None
-            return _HFGenerator(self.model(path), self.tokenizer_for(path))
+        key = (path, self.backend)
+        if self.session.engine_key == key:
+            return self.session.engine
+        if self.session.engine is not None:
+            self.session.engine.close()
         if self.backend not in self.session.backends:
             self.session.backends[self.backend] = resolve_backend(self.backend)
         backend = self.session.backends[self.backend]
         model = self.model(path) if backend == "hf" else None  # hf generates with the cached model
-        engine = make_engine(backend, path, tokenizer=self.tokenizer_for(path), model=model, dtype=self.dtype, seed=self.seed)
-        return _RolloutGenerator(engine)
+        self.session.engine = make_engine(backend, path, tokenizer=self.tokenizer_for(path), model=model,
+                                          dtype=self.dtype, seed=self.seed)
+        self.session.engine_key = key
+        return self.session.engine
 
     # ------------------------------------------------------------ scoring
 
@@ -387,30 +311,18 @@ class EvalContext:
                 advance(len(batch))
         return out
 
-    def reward_scores(self, reward_stage: str, prompts: list, completions: list[str]) -> list[float]:
-        """Scores of an earlier `reward` stage's model (a stage name or a folder), one per completion."""
-        import torch
-
-        from alignment.models import read_artifact
+    def reward_scores(self, reward_stage: str, prompts: list, completions: list) -> list[float]:
+        """Scores of an earlier `reward` stage's model (a stage name or a folder), one per completion,
+        through `alignment.models.RewardScorer` -- the scorer of the `reward_model` reward."""
+        from alignment.models import RewardScorer
 
         folder = self.model_dir(reward_stage)
-        head = read_artifact(Path(folder))["head"] if Path(folder).is_dir() else "sequence_classification"
-        if head != "sequence_classification":
-            raise ValueError(f"reward_stage '{reward_stage}' ({folder}) is not a reward model (head: {head}); "
-                             f"name a stage with method: reward")
-        model = self.model(folder, head="sequence_classification")
-        tokenizer = self.tokenizer_for(folder)
-        pad = tokenizer.pad_token_id or 0
-        scores: list[float] = []
-        with torch.no_grad():
-            for start in range(0, len(prompts), self.batch_size):
-                seqs = [chat_text(tokenizer, p, c) for p, c in
-                        zip(prompts[start:start + self.batch_size], completions[start:start + self.batch_size])]
-                width = max(len(s) for s in seqs)  # right padding, as TRL's RewardTrainer
-                input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=model.device)
-                mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=model.device)
-                scores += model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().tolist()
-        return scores
+        if folder not in self.session.scorers:
+            try:
+                self.session.scorers[folder] = RewardScorer.load(folder, dtype=self.dtype, batch_size=self.batch_size)
+            except ValueError as err:
+                raise ValueError(f"reward_stage '{reward_stage}': {err}") from None
+        return self.session.scorers[folder](prompts, completions, batch_size=self.batch_size)
 
 
 class _progress:

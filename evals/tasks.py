@@ -11,7 +11,7 @@ import math
 import statistics
 from typing import Optional, Union
 
-from evals.base import EvalContext, EvalResult, encode_pair, encode_prompt, prompt_text, split_messages, task
+from evals.base import EvalContext, EvalResult, encode_pair, prompt_text, split_messages, task
 
 
 def _mean(values) -> float:
@@ -261,8 +261,7 @@ def kl(ctx: EvalContext, *, reference: Optional[str] = None, max_new_tokens: int
         return EvalResult(skipped=f"'{ctx.stage}' is its own reference (set reference: to compare with another model)")
     prompts = _prompts(ctx)
     groups = ctx.generate(prompts, max_new_tokens, n=num_samples, temperature=temperature)
-    tok = ctx.tokenizer
-    pairs = [(encode_prompt(tok, p), g.completion_ids) for p, group in zip(prompts, groups) for g in group]
+    pairs = [(g.prompt_ids, g.completion_ids) for group in groups for g in group]
     policy, refs = ctx.token_logprobs(pairs), ctx.token_logprobs(pairs, model_path=ref)
     width = max(len(lp) for lp in policy)
     pad = lambda rows: torch.tensor([r + [0.0] * (width - len(r)) for r in rows])  # noqa: E731

@@ -2,7 +2,9 @@
 
 Loading a model is the pipeline's job, so this module only holds a hook: the pipeline calls
 `set_stage_model_loader(fn)`, with `fn(stage) -> scorer` and `scorer(prompts, completions) ->
-list[float]`. Scorers are cached per stage until the hook is set again.
+list[float]` -- in a stage child, `alignment.models.RewardScorer`, the scorer the evals use too, which
+tokenizes as TRL's RewardTrainer trained the model. Scorers are cached per stage until the hook is
+set again.
 """
 from __future__ import annotations
 

@@ -7,16 +7,17 @@ import sys
 
 import pytest
 
-from evals import TASKS, EvalContext, EvalResult, Generation, check_task_args
-from evals.base import encode_pair, encode_prompt
+from alignment.rollout import Completion, encode_prompts
+from evals import TASKS, EvalContext, EvalResult, check_task_args
+from evals.base import encode_pair
 from evals.tasks import LM_EVAL_MISSING, pass_at_k
 
 CHAT = [{"role": "user", "content": "1+2="}]
 
 
-def gen(text: str, tokenizer=None, finish: str = "stop") -> Generation:
+def gen(text: str, tokenizer=None, finish: str = "stop") -> Completion:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] if tokenizer else []
-    return Generation(text, ids, finish)
+    return Completion(prompt_ids=[], completion_ids=ids, text=text, logprobs=[], finish_reason=finish)
 
 
 def stub_generate(ctx, table: dict):
@@ -27,7 +28,7 @@ def stub_generate(ctx, table: dict):
         calls.append((model_path, n, temperature))
         groups = table[(model_path or ctx.model_path, n)]
         assert len(groups) == len(prompts)
-        return [[g if isinstance(g, Generation) else Generation(g, [], "stop") for g in group] for group in groups]
+        return [[g if isinstance(g, Completion) else gen(g) for g in group] for group in groups]
 
     ctx.generate = generate
     return calls
@@ -106,18 +107,15 @@ def test_accuracy_exact_match_and_answer_tags():
 # ---------------------------------------------------------------- generation on the tiny model
 
 
-@pytest.mark.parametrize("fallback", [False, True])
-def test_generate_batched_left_padded_equals_one_by_one(tiny_model_path, monkeypatch, fallback):
+def test_generate_batched_left_padded_equals_one_by_one(tiny_model_path):
     import torch
 
-    if fallback:  # the HF fallback, used where alignment.rollout does not import
-        monkeypatch.setitem(sys.modules, "alignment.rollout", None)
     ctx = EvalContext(model_path=str(tiny_model_path), backend="hf", batch_size=3)
     prompts = ["1+1=", CHAT, "a much longer prompt: 12+30="]
     got = ctx.generate(prompts, max_new_tokens=5)
     model, tok = ctx.model(), ctx.tokenizer
     for prompt, [g] in zip(prompts, got):
-        ids = torch.tensor([encode_prompt(tok, prompt)])
+        ids = torch.tensor(encode_prompts(tok, [prompt]))
         want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                               pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
         stop = want.index(tok.eos_token_id) + 1 if tok.eos_token_id in want else len(want)
@@ -265,11 +263,18 @@ def test_reward_scores_batched_equal_one_by_one(tiny_model_path, tmp_path):
 
 def test_kl_estimates_by_hand():
     ctx = EvalContext(model_path="policy", rows=[{"prompt": "a"}, {"prompt": "b"}], reference_path="ref")
-    ctx.session.tokenizers["policy"] = _FakeTokenizer()
-    stub_generate(ctx, {("policy", 1): [[Generation("xy", [5, 6], "stop")], [Generation("z", [7], "length")]]})
+    # Completion(prompt_ids, completion_ids, text, logprobs, finish_reason)
+    stub_generate(ctx, {("policy", 1): [[Completion([3], [5, 6], "xy", [], "stop")], [Completion([4], [7], "z", [], "length")]]})
     logp = {"policy": [[-1.0, -2.0], [-0.5]], "ref": [[-1.5, -1.0], [-0.5]]}
-    ctx.token_logprobs = lambda pairs, model_path=None: logp[model_path or "policy"]
+    scored = []
+
+    def token_logprobs(pairs, model_path=None):
+        scored.append(pairs)
+        return logp[model_path or "policy"]
+
+    ctx.token_logprobs = token_logprobs
     result = TASKS.get("kl")(ctx)
+    assert scored == [[([3], [5, 6]), ([4], [7])]] * 2  # the engine's own token ids, under both models
     # d = log pi - log pi_ref = [0.5, -1.0], [0.0]
     assert result.metrics["kl"] == pytest.approx((0.5 - 1.0 + 0.0) / 3)  # k1, token mean
     k3 = (math.exp(-0.5) - 1 + 0.5) + (math.exp(1.0) - 1 - 1.0) + 0.0
