@@ -26,20 +26,13 @@ def _fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
-def _cell(value: Optional[float], delta: Optional[float], tone: str) -> str:
-    from evals.report import _fmt, _fmt_delta
-
-    text = _fmt(value)
-    if delta is not None:
-        color = {"good": "green", "bad": "red"}.get(tone, "dim")
-        text += f" [{color}]{_fmt_delta(delta)}[/]"
-    return text
+TONE_STYLE = {"good": "green", "bad": "red", "neutral": "dim"}
 
 
 def print_eval_table(results: dict[str, dict], console: Console, order: Optional[list[str]] = None) -> None:
     """Base vs each stage: one row per task metric (main metric in bold), deltas against base colored
     by the metric's direction. `results`: stage -> evals JSON, as `run_evals` returns."""
-    from evals.report import build_eval_table
+    from evals.table import build_eval_table
 
     table = build_eval_table(results, order)
     if not table.tasks:
@@ -49,25 +42,15 @@ def print_eval_table(results: dict[str, dict], console: Console, order: Optional
     out.add_column("metric")
     for s in table.stages:
         out.add_column(s, justify="right")
-    for t in table.tasks:
-        for j, m in enumerate(table.metrics[t] or [""]):
-            cells = []
-            for s in table.stages:
-                if table.skipped(s, t):
-                    cells.append("[dim]skipped[/]" if j == 0 else "")
-                    continue
-                d = table.delta(s, t, m)
-                cells.append(_cell(table.value(s, t, m), d, table.tone(t, m, d)))
-            name = f"[bold]{m}[/]" if m == table.main[t] else m
-            out.add_row(t if j == 0 else "", name, *cells, end_section=j == len(table.metrics[t] or [""]) - 1)
+    for row in table.rows:
+        cells = [f"[dim]{c.text}[/]" if c.skipped else
+                 c.text + (f" [{TONE_STYLE[c.tone]}]{c.delta_text}[/]" if c.delta_text is not None else "")
+                 for c in row.cells]
+        name = f"[bold]{row.metric}[/]" if row.main else row.metric
+        out.add_row(row.task if row.first else "", name, *cells, end_section=row.last)
     console.print(out)
-    for t in table.tasks:  # why, once per task and reason
-        reasons: dict[str, list[str]] = {}
-        for s in table.stages:
-            if table.skipped(s, t):
-                reasons.setdefault(table.skipped(s, t), []).append(s)
-        for why, stages in reasons.items():
-            console.print(f"[dim]{t} on {', '.join(stages)}: skipped: {escape(why)}[/]")
+    for t, why, stages in table.skipped:  # why, once per task and reason
+        console.print(f"[dim]{t} on {', '.join(stages)}: skipped: {escape(why)}[/]")
 
 
 def _parse_args(pairs: Optional[list[str]]) -> dict:

@@ -1,5 +1,5 @@
-"""The run report: `runs/NAME/report/index.html` (one self-contained file: inline CSS, PNG plots as
-data URIs) and `report.md` with the PNGs beside it.
+"""The run report: `runs/NAME/report/index.html` (one self-contained file from
+`templates/report.html.j2`: inline CSS, PNG plots as data URIs) and `report.md` with the PNGs beside it.
 
 Sections: stages (manifests: status, time, final metrics), evals (base and each stage, deltas
 against base, a bar chart of each task's main metric), training curves per stage (from
@@ -11,7 +11,6 @@ sample generations side by side (wrong answers marked), and the resolved recipe.
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
 import time
@@ -20,12 +19,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from alignment.recipe import BASE
+from evals.table import PALETTE, EvalTable, build_eval_table, fmt
 
 SAMPLE_CHARS = 600  # longer completions are cut in the report (the JSON keeps them whole)
-
-# colors: base in slate, stages in order from this palette (Tableau 10, colorblind-friendly)
-BASE_COLOR = "#8b95a5"
-PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f"]
+TEMPLATE = "report.html.j2"  # in evals/templates/
 
 # training-curve panels: title -> which metrics.jsonl keys go on it (first match wins)
 CURVE_PANELS: list[tuple[str, Callable[[str], bool]]] = [
@@ -181,7 +178,7 @@ def plot_curves(plt, stage: str, rows: list[dict], path: Path) -> bool:
     return True
 
 
-def plot_evals(plt, table: "EvalTable", path: Path) -> bool:
+def plot_evals(plt, table: EvalTable, path: Path) -> bool:
     """One bar chart per eval task: its main metric on base and each stage."""
     tasks = [t for t in table.tasks if any(table.value(st, t, table.main[t]) is not None for st in table.stages)]
     if not tasks:
@@ -193,9 +190,9 @@ def plot_evals(plt, table: "EvalTable", path: Path) -> bool:
         metric = table.main[t]
         values = [table.value(st, t, metric) for st in table.stages]
         heights = [v if v is not None else 0.0 for v in values]
-        bars = ax.bar(table.stages, heights, color=[table.color(st) for st in table.stages], width=0.62)
+        bars = ax.bar(table.stages, heights, color=[table.colors[st] for st in table.stages], width=0.62)
         for bar, v in zip(bars, values):
-            label = "–" if v is None else _fmt(v)
+            label = fmt(v)
             ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 2),
                         textcoords="offset points", ha="center", va="bottom", fontsize=8, color="#374151")
         ax.set_title(f"{t} · {metric}", loc="left")
@@ -212,81 +209,7 @@ def plot_evals(plt, table: "EvalTable", path: Path) -> bool:
     return True
 
 
-# ---------------------------------------------------------------- the eval table
-
-
-@dataclass
-class EvalTable:
-    """Evals across stages: stages (base first) x tasks x metrics."""
-
-    stages: list[str]
-    tasks: list[str]
-    entries: dict[str, dict[str, dict]]  # stage -> task -> evals JSON entry
-    main: dict[str, str]
-    better: dict[str, dict[str, bool]]  # task -> metric -> higher is better
-    metrics: dict[str, list[str]]  # task -> metric names, main first
-    colors: dict[str, str]
-
-    def value(self, stage: str, t: str, metric: str) -> Optional[float]:
-        v = self.entries.get(stage, {}).get(t, {}).get("metrics", {}).get(metric)
-        return float(v) if isinstance(v, (int, float)) else None
-
-    def skipped(self, stage: str, t: str) -> Optional[str]:
-        return self.entries.get(stage, {}).get(t, {}).get("skipped")
-
-    def delta(self, stage: str, t: str, metric: str) -> Optional[float]:
-        a, b = self.value(stage, t, metric), self.value(BASE, t, metric)
-        return None if a is None or b is None or stage == BASE else a - b
-
-    def tone(self, t: str, metric: str, delta: Optional[float]) -> str:
-        """good | bad | neutral: the delta's direction against the metric's."""
-        direction = self.better.get(t, {}).get(metric)
-        if delta is None or direction is None or abs(delta) < 1e-12:
-            return "neutral"
-        return "good" if (delta > 0) == direction else "bad"
-
-    def color(self, stage: str) -> str:
-        return self.colors[stage]
-
-
-def eval_table(data: RunData) -> EvalTable:
-    return build_eval_table(data.evals, [BASE] + data.stages)
-
-
-def build_eval_table(evals: dict[str, dict], order: Optional[list[str]] = None) -> EvalTable:
-    """The table of `evals` (stage -> evals/STAGE.json, as `run_evals` returns), stages in `order`."""
-    order = order or ([BASE] + [s for s in evals if s != BASE])
-    stages = [s for s in order if s in evals]
-    entries = {s: evals[s].get("tasks", {}) for s in stages}
-    tasks: list[str] = []
-    for s in stages:
-        tasks += [t for t in entries[s] if t not in tasks]
-    main, better, metrics = {}, {}, {}
-    for t in tasks:
-        found = [entries[s][t] for s in stages if t in entries[s]]
-        names: list[str] = []
-        for e in found:
-            names += [m for m in e.get("metrics", {}) if m not in names]
-            better.setdefault(t, {}).update(e.get("higher_is_better") or {})
-        main[t] = next((e["main"] for e in found if e.get("main")), names[0] if names else "")
-        metrics[t] = ([main[t]] if main[t] in names else []) + [m for m in names if m != main[t]]
-    colors = {BASE: BASE_COLOR}
-    colors.update({s: PALETTE[i % len(PALETTE)] for i, s in enumerate(s for s in stages if s != BASE)})
-    return EvalTable(stages, tasks, entries, main, better, metrics, colors)
-
-
-def _fmt(v: Optional[float]) -> str:
-    if v is None:
-        return "–"
-    if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
-        return f"{v:.3g}"
-    return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
-
-
-def _fmt_delta(d: float) -> str:
-    if abs(d) < 1e-12:
-        return "±0"
-    return ("+" if d > 0 else "−") + _fmt(abs(d))
+# ---------------------------------------------------------------- the stage table
 
 
 def _fmt_seconds(s) -> str:
@@ -302,6 +225,18 @@ def _final_metrics(man: dict, limit: int = 4) -> list[tuple[str, float]]:
                and not any(p in k for p in ("runtime", "per_second", "flos"))}
     first = [k for k in ("train_loss", "loss") if k in metrics]
     return [(k, metrics[k]) for k in (first + [k for k in metrics if k not in first])[:limit]]
+
+
+def stage_rows(data: RunData) -> list[dict]:
+    """Per stage: name, method, from, status, time, final metrics [(key, value)], fingerprint."""
+    rows = []
+    for st in data.stages:
+        man = data.manifests.get(st, {})
+        rows.append({"stage": st, "method": data.methods.get(st, man.get("method", "?")),
+                     "from": (man.get("inputs") or {}).get("from", ""), "status": man.get("status", "missing"),
+                     "time": _fmt_seconds(man.get("seconds")), "final": _final_metrics(man),
+                     "fingerprint": man.get("fingerprint", "")})
+    return rows
 
 
 # ---------------------------------------------------------------- samples side by side
@@ -333,59 +268,6 @@ def sample_numbers(cell: dict) -> list[tuple[str, float]]:
 
 # ---------------------------------------------------------------- HTML
 
-CSS = """
-:root{--fg:#111827;--muted:#6b7280;--line:#e5e7eb;--bg:#f8fafc;--card:#fff;--good:#15803d;--good-bg:#dcfce7;
---bad:#b91c1c;--bad-bg:#fee2e2;--accent:#4e79a7}
-*{box-sizing:border-box}
-body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.5 -apple-system,BlinkMacSystemFont,"Segoe UI",
-Roboto,"Helvetica Neue",Arial,sans-serif}
-header{background:linear-gradient(120deg,#1e293b,#334155);color:#f8fafc;padding:28px 40px 22px}
-header h1{margin:0 0 4px;font-size:26px;font-weight:650;letter-spacing:-.01em}
-header .sub{color:#cbd5e1;font-size:13px}
-header code{background:rgba(255,255,255,.1);padding:1px 6px;border-radius:4px;color:#e2e8f0}
-nav{position:sticky;top:0;z-index:2;background:rgba(255,255,255,.92);backdrop-filter:blur(6px);
-border-bottom:1px solid var(--line);padding:10px 40px;display:flex;gap:22px;font-size:13px}
-nav a{color:var(--muted);text-decoration:none;font-weight:500}nav a:hover{color:var(--accent)}
-main{max-width:1280px;margin:0 auto;padding:8px 40px 60px}
-section{margin-top:34px}
-h2{font-size:18px;margin:0 0 12px;font-weight:650;letter-spacing:-.01em}
-h3{font-size:14px;margin:22px 0 8px;color:#374151}
-.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:16px 18px;
-box-shadow:0 1px 2px rgba(0,0,0,.03);overflow-x:auto}
-table{border-collapse:collapse;width:100%;font-size:13px}
-th,td{padding:7px 10px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
-th{font-size:11px;text-transform:uppercase;letter-spacing:.04em;color:var(--muted);font-weight:600;
-background:#f9fafb;white-space:nowrap}
-tr:last-child td{border-bottom:none}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-th.num{text-align:right}
-tr.main td{font-weight:600}
-td.task{font-weight:600;color:#1f2937}td.metric{color:#374151}
-.delta{display:inline-block;margin-left:6px;padding:0 6px;border-radius:9px;font-size:11px;font-weight:600}
-.delta.good{color:var(--good);background:var(--good-bg)}.delta.bad{color:var(--bad);background:var(--bad-bg)}
-.delta.neutral{color:var(--muted);background:#f3f4f6}
-.dot{display:inline-block;width:9px;height:9px;border-radius:50%;margin-right:6px;vertical-align:middle}
-.badge{display:inline-block;padding:1px 8px;border-radius:9px;font-size:11px;font-weight:600}
-.badge.done{color:var(--good);background:var(--good-bg)}.badge.failed{color:var(--bad);background:var(--bad-bg)}
-.badge.running,.badge.missing{color:#92400e;background:#fef3c7}
-.muted{color:var(--muted)}.skipped{color:var(--muted);font-style:italic}
-img.plot{max-width:100%;height:auto;display:block;margin:6px auto}
-.samples td{min-width:200px;max-width:420px}
-.gen{white-space:pre-wrap;word-break:break-word;font:12px/1.45 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;
-background:#f9fafb;border:1px solid var(--line);border-radius:6px;padding:6px 8px;margin-top:4px}
-td.ok .gen{background:#f0fdf4;border-color:#bbf7d0}td.wrong .gen{background:#fef2f2;border-color:#fecaca}
-.mark{font-weight:700;margin-right:4px}td.ok .mark{color:var(--good)}td.wrong .mark{color:var(--bad)}
-.score{font-size:11px;color:var(--muted)}
-.answer{font-size:12px;color:var(--muted);margin-top:6px}.answer b{color:#374151}
-pre.recipe{margin:0;font:12px/1.5 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre}
-details summary{cursor:pointer;color:var(--muted);font-size:13px}
-footer{color:var(--muted);font-size:12px;text-align:center;padding:20px}
-"""
-
-
-def _e(x) -> str:
-    return html.escape(str(x))
-
 
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
@@ -396,111 +278,23 @@ def _cut(text, n: int = SAMPLE_CHARS) -> str:
     return text if len(text) <= n else text[:n] + " …"
 
 
-def _html_stage_table(data: RunData) -> str:
-    rows = []
-    for st in data.stages:
-        man = data.manifests.get(st, {})
-        status = man.get("status", "missing")
-        final = ", ".join(f"{_e(k)} <b>{_fmt(v)}</b>" for k, v in _final_metrics(man)) or '<span class="muted">–</span>'
-        spec_from = (man.get("inputs") or {}).get("from", "")
-        rows.append(f"<tr><td><b>{_e(st)}</b></td><td>{_e(data.methods.get(st, man.get('method', '?')))}</td>"
-                    f"<td>{_e(spec_from)}</td><td><span class='badge {_e(status)}'>{_e(status)}</span></td>"
-                    f"<td class='num'>{_fmt_seconds(man.get('seconds'))}</td><td>{final}</td>"
-                    f"<td class='muted'>{_e(man.get('fingerprint', ''))}</td></tr>")
-    head = "<tr><th>stage</th><th>method</th><th>from</th><th>status</th><th class='num'>time</th><th>final metrics</th><th>fingerprint</th></tr>"
-    return f"<table>{head}{''.join(rows)}</table>"
+def _template():
+    """`templates/report.html.j2`, autoescaped, with the filters it formats values with."""
+    import jinja2
 
-
-def _html_eval_table(table: EvalTable) -> str:
-    head = "<tr><th>task</th><th>metric</th>" + "".join(
-        f"<th class='num'><span class='dot' style='background:{table.color(s)}'></span>{_e(s)}</th>" for s in table.stages) + "</tr>"
-    rows = []
-    for t in table.tasks:
-        metrics = table.metrics[t] or [""]
-        for j, m in enumerate(metrics):
-            cells = []
-            for s in table.stages:
-                skipped = table.skipped(s, t)
-                if skipped and j == 0:
-                    cells.append(f"<td class='num skipped' title='{_e(skipped)}'>skipped</td>")
-                    continue
-                v, d = table.value(s, t, m), table.delta(s, t, m)
-                badge = f"<span class='delta {table.tone(t, m, d)}'>{_fmt_delta(d)}</span>" if d is not None else ""
-                cells.append(f"<td class='num'>{_fmt(v)}{badge}</td>")
-            task_cell = f"<td class='task'>{_e(t)}</td>" if j == 0 else "<td></td>"
-            cls = " class='main'" if m == table.main[t] else ""
-            rows.append(f"<tr{cls}>{task_cell}<td class='metric'>{_e(m)}</td>{''.join(cells)}</tr>")
-    return f"<table class='evals'>{head}{''.join(rows)}</table>"
-
-
-def _gen_box(text) -> str:
-    text = "" if text is None else str(text)
-    if not text.strip():
-        return "<div class='gen'><span class='muted'>(blank)</span></div>"
-    return f"<div class='gen'>{_e(_cut(text))}</div>"
-
-
-def _html_samples(table: EvalTable, t: str) -> str:
-    rows = sample_rows(table, t)
-    if not rows:
-        return ""
-    head = "<tr><th>prompt</th>" + "".join(
-        f"<th><span class='dot' style='background:{table.color(s)}'></span>{_e(s)}</th>" for s in table.stages) + "</tr>"
-    body = []
-    for r in rows:
-        extra = ""
-        for key, value in r["data"]:
-            if key == "answer":
-                extra += f"<div class='answer'><b>answer</b> {_e(value)}</div>"
-            else:
-                extra += f"<div class='answer'><b>{_e(key)}</b></div>{_gen_box(value)}"
-        cells = []
-        for s in table.stages:
-            c = r["cells"].get(s)
-            if c is None:
-                cells.append("<td class='muted'>–</td>")
-                continue
-            ok = c.get("correct")
-            cls = "" if ok is None else (" class='ok'" if ok else " class='wrong'")
-            mark = "" if ok is None else f"<span class='mark'>{'✓' if ok else '✗'}</span>"
-            numbers = " · ".join(f"{_e(k)} {_fmt(v)}" for k, v in sample_numbers(c))
-            numbers = f"<span class='score'>{numbers}</span>" if numbers else ""
-            gen = _gen_box(c["completion"]) if "completion" in c else ""
-            cells.append(f"<td{cls}>{mark}{numbers}{gen}</td>")
-        body.append(f"<tr><td>{_gen_box(r['prompt'])}{extra}</td>{''.join(cells)}</tr>")
-    return f"<h3>{_e(t)}</h3><div class='card'><table class='samples'>{head}{''.join(body)}</table></div>"
+    env = jinja2.Environment(loader=jinja2.PackageLoader("evals", "templates"), autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env.filters.update(fmt=fmt, cut=_cut, numbers=sample_numbers)
+    return env.get_template(TEMPLATE)
 
 
 def render_html(data: RunData, table: EvalTable, images: dict[str, Path]) -> str:
-    generated = time.strftime("%Y-%m-%d %H:%M")
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' content='width=device-width,initial-scale=1'>"
-             f"<title>{_e(data.name)} · alignkit report</title><style>{CSS}</style></head><body>",
-             f"<header><h1>{_e(data.name)}</h1><div class='sub'>alignkit report · base model <code>{_e(data.base_model)}</code> · "
-             f"{len(data.stages)} stage(s): {_e(' → '.join(data.stages))} · generated {generated}</div></header>",
-             "<nav><a href='#stages'>Stages</a><a href='#evals'>Evals</a><a href='#curves'>Training curves</a>"
-             "<a href='#samples'>Samples</a><a href='#recipe'>Recipe</a></nav><main>"]
-    parts.append(f"<section id='stages'><h2>Stages</h2><div class='card'>{_html_stage_table(data)}</div></section>")
-    parts.append("<section id='evals'><h2>Evals</h2>")
-    if table.tasks:
-        parts.append(f"<div class='card'>{_html_eval_table(table)}<p class='muted'>Deltas are against base; "
-                     f"green is better, red worse (by each metric's direction), grey has no direction.</p></div>")
-        if "evals" in images:
-            parts.append(f"<div class='card' style='margin-top:14px'><img class='plot' alt='eval metrics by stage' src='{_data_uri(images['evals'])}'></div>")
-    else:
-        parts.append("<div class='card muted'>No eval results yet (add <code>evals:</code> to the recipe, then <code>alignkit eval RECIPE</code>).</div>")
-    parts.append("</section><section id='curves'><h2>Training curves</h2>")
-    curves = [s for s in data.stages if f"curves-{s}" in images]
-    for s in curves:
-        parts.append(f"<div class='card' style='margin-bottom:14px'><img class='plot' alt='training curves of {_e(s)}' src='{_data_uri(images[f'curves-{s}'])}'></div>")
-    if not curves:
-        parts.append("<div class='card muted'>No training metrics logged yet.</div>")
-    parts.append("</section><section id='samples'><h2>Sample generations</h2>")
-    samples = "".join(_html_samples(table, t) for t in table.tasks)
-    parts.append(samples or "<div class='card muted'>No samples.</div>")
-    parts.append(f"</section><section id='recipe'><h2>Recipe</h2><div class='card'><details open><summary>recipe.yaml (resolved)</summary>"
-                 f"<pre class='recipe'>{_e(data.recipe_text)}</pre></details></div></section></main>"
-                 f"<footer>{_e(data.run_dir)}</footer></body></html>")
-    return "".join(parts)
+    samples = [(t, rows) for t in table.tasks if (rows := sample_rows(table, t))]
+    return _template().render(
+        name=data.name, base_model=data.base_model, stages=data.stages, run_dir=str(data.run_dir),
+        recipe_text=data.recipe_text, generated=time.strftime("%Y-%m-%d %H:%M"), stage_rows=stage_rows(data),
+        table=table, samples=samples, evals_image=_data_uri(images["evals"]) if "evals" in images else None,
+        curves=[(s, _data_uri(images[f"curves-{s}"])) for s in data.stages if f"curves-{s}" in images])
 
 
 # ---------------------------------------------------------------- Markdown
@@ -513,31 +307,18 @@ def _md(text, n: int = 200) -> str:
 def render_markdown(data: RunData, table: EvalTable, images: dict[str, Path]) -> str:
     out = [f"# {data.name}", "", f"alignkit report · base model `{data.base_model}` · stages: {' → '.join(data.stages)}", "",
            "## Stages", "", "| stage | method | status | time | final metrics |", "|---|---|---|---:|---|"]
-    for st in data.stages:
-        man = data.manifests.get(st, {})
-        final = ", ".join(f"{k} {_fmt(v)}" for k, v in _final_metrics(man)) or "–"
-        out.append(f"| {st} | {data.methods.get(st, '?')} | {man.get('status', 'missing')} | {_fmt_seconds(man.get('seconds'))} | {final} |")
+    for st in stage_rows(data):
+        final = ", ".join(f"{k} {fmt(v)}" for k, v in st["final"]) or "–"
+        out.append(f"| {st['stage']} | {st['method']} | {st['status']} | {st['time']} | {final} |")
     out += ["", "## Evals", ""]
     if table.tasks:
         out.append("| task | metric | " + " | ".join(table.stages) + " |")
         out.append("|---|---|" + "---:|" * len(table.stages))
-        for t in table.tasks:
-            for j, m in enumerate(table.metrics[t] or [""]):
-                cells = []
-                for s in table.stages:
-                    if table.skipped(s, t) and j == 0:
-                        cells.append("skipped")
-                        continue
-                    d = table.delta(s, t, m)
-                    cells.append(_fmt(table.value(s, t, m)) + (f" ({_fmt_delta(d)})" if d is not None else ""))
-                name = f"**{m}**" if m and m == table.main[t] else m
-                out.append(f"| {t if j == 0 else ''} | {name} | " + " | ".join(cells) + " |")
-        for t in table.tasks:  # why, once per task and reason
-            reasons: dict[str, list[str]] = {}
-            for s in table.stages:
-                if table.skipped(s, t):
-                    reasons.setdefault(table.skipped(s, t), []).append(s)
-            out += [f"\n_{t} on {', '.join(stages)}: skipped: {why}_" for why, stages in reasons.items()]
+        for row in table.rows:
+            cells = [c.text + (f" ({c.delta_text})" if c.delta_text is not None else "") for c in row.cells]
+            name = f"**{row.metric}**" if row.main and row.metric else row.metric
+            out.append(f"| {row.task if row.first else ''} | {name} | " + " | ".join(cells) + " |")
+        out += [f"\n_{t} on {', '.join(stages)}: skipped: {why}_" for t, why, stages in table.skipped]
         if "evals" in images:
             out += ["", f"![eval metrics by stage]({images['evals'].name})"]
     else:
@@ -559,7 +340,7 @@ def render_markdown(data: RunData, table: EvalTable, images: dict[str, Path]) ->
                 c = r["cells"].get(s) or {}
                 ok = c.get("correct")
                 mark = "" if ok is None else ("✓ " if ok else "✗ ")
-                numbers = ", ".join(f"{k} {_fmt(v)}" for k, v in sample_numbers(c))
+                numbers = ", ".join(f"{k} {fmt(v)}" for k, v in sample_numbers(c))
                 text = _md(c["completion"]) if "completion" in c else ""
                 cells.append(f"{mark}{text}" + (f" ({numbers})" if numbers else ""))
             out.append(f"| {prompt} | " + " | ".join(cells) + " |")
@@ -578,7 +359,7 @@ def write_report(run_dir: Path | str) -> Path:
         FileNotFoundError: `run_dir` has no recipe.yaml (not a run directory).
     """
     data = read_run(Path(run_dir))
-    table = eval_table(data)
+    table = build_eval_table(data.evals, [BASE] + data.stages)
     out = data.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     plt = _pyplot()
