@@ -329,3 +329,32 @@ def test_lm_eval_flattens_the_harness_results(monkeypatch):
     assert result.metrics == {"gsm8k/exact_match": 0.25}
     assert result.higher_is_better == {"gsm8k/exact_match": True}
     assert seen["model_args"] == {"pretrained": "/m", "dtype": "bfloat16"} and seen["limit"] == 4
+
+
+# ---------------------------------------------------------------- the eval table
+
+
+def test_eval_table_computes_every_cell_once():
+    from evals.table import Cell, build_eval_table
+
+    results = {
+        "dpo": {"tasks": {"acc": {"metrics": {"accuracy": 0.75, "length": 8.0}, "main": "accuracy",
+                                  "higher_is_better": {"accuracy": True}},
+                          "pref": {"metrics": {"accuracy": 0.6, "margin": 0.1}, "main": "accuracy"}}},
+        "base": {"tasks": {"acc": {"metrics": {"accuracy": 0.5, "length": 10.0}, "main": "accuracy",
+                                   "higher_is_better": {"accuracy": True}},
+                           "pref": {"metrics": {}, "skipped": "no reference"}}},
+    }
+    table = build_eval_table(results, ["base", "dpo"])
+    assert table.stages == ["base", "dpo"] and table.tasks == ["acc", "pref"]
+    got = [(r.task, r.metric, r.main, r.first, r.last, r.cells) for r in table.rows]
+    assert got == [
+        ("acc", "accuracy", True, True, False, [Cell(0.5), Cell(0.75, 0.25, "good")]),
+        ("acc", "length", False, False, True, [Cell(10.0), Cell(8.0, -2.0, "neutral")]),  # no direction
+        ("pref", "accuracy", True, True, False, [Cell(None, skipped="no reference"), Cell(0.6)]),
+        ("pref", "margin", False, False, True, [Cell(None), Cell(0.1)]),
+    ]
+    dpo_acc, dpo_len = table.rows[0].cells[1], table.rows[1].cells[1]
+    assert (dpo_acc.text, dpo_acc.delta_text, dpo_len.delta_text) == ("0.75", "+0.25", "−2")
+    assert [c.text for c in table.rows[2].cells + table.rows[3].cells] == ["skipped", "0.6", "–", "0.1"]
+    assert table.skipped == [("pref", "no reference", ["base"])]
