@@ -1,4 +1,4 @@
-"""Shared RL math for the PPO and GRPO stages: advantages, KL estimators, losses, aggregation.
+"""Shared RL math (the PPO stage, the evals' log-probs): advantages, KL estimators, losses, aggregation.
 
 Pure: tensors in, tensors out; only torch is imported. Shapes: B sequences, T response tokens,
 V vocabulary. `response_mask` is True on valid response tokens (up to and including the stop
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from typing import Literal, Protocol, Sequence, get_args
 
 import torch
 from torch import Tensor
@@ -201,70 +201,9 @@ def compute_gae(
     return torch.where(mask, advantages, 0), torch.where(mask, advantages + values, 0)
 
 
-GRPO_SCALES = ("group", "batch", "none")
-
-
-def compute_grpo_advantages(
-    scores: Tensor,
-    num_generations: int,
-    scale: Literal["group", "batch", "none"] = "group",
-    eps: float = 1e-4,
-) -> Tensor:
-    """Group-relative outcome advantages: A_i = (s_i - mean of its group) / (std + eps).
-
-    Shao et al. 2024 (DeepSeekMath, arXiv 2402.03300) section 4.1.2. "none" is Dr. GRPO (Liu et
-    al. 2025, arXiv 2503.20783): dividing by the std up-weights near-constant groups.
-
-    Args:
-        scores: (B,), the `num_generations` completions of one prompt adjacent; B = P * G.
-        num_generations: completions per prompt, G >= 2.
-        scale: divide by each group's std ("group"), the whole batch's ("batch"), or only
-            centre ("none"). Unbiased stds, as torch.std and TRL.
-        eps: added to the std: 1e-4 as TRL (verl 1e-6, OpenRLHF 1e-9); it matters for
-            near-constant groups.
-
-    Returns:
-        (B,), one advantage per sequence; use `advantages[:, None]` for (B, T) losses.
-    """
-    if num_generations < 2:
-        raise ValueError(f"num_generations must be >= 2, got {num_generations}: with one "
-                         "completion per prompt every group-relative advantage is 0")
-    if scores.numel() % num_generations:
-        raise ValueError(f"the number of scores ({scores.numel()}) must be divisible by "
-                         f"num_generations ({num_generations})")
-    if scale not in GRPO_SCALES:
-        raise ValueError(f"unknown scale '{scale}'{did_you_mean(scale, GRPO_SCALES)}; "
-                         f"known: {', '.join(GRPO_SCALES)}")
-    groups = scores.reshape(-1, num_generations)
-    centred = groups - groups.mean(dim=-1, keepdim=True)
-    if scale == "group":
-        centred = centred / (groups.std(dim=-1, keepdim=True) + eps)
-    elif scale == "batch":
-        centred = centred / (scores.std() + eps)
-    return centred.reshape(-1)
-
-
 # ------------------------------------------------------------------------ losses
 
 
-class PolicyLoss(Protocol):
-    def __call__(
-        self,
-        logprobs: Tensor,
-        old_logprobs: Tensor,
-        advantages: Tensor,
-        response_mask: Tensor,
-        *,
-        clip_eps_low: float,
-        clip_eps_high: float,
-        dual_clip: float | None = None,
-    ) -> tuple[Tensor, Metrics]: ...
-
-
-POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
-
-
-@POLICY_LOSSES.register("ppo_clip")
 def ppo_clip_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -355,8 +294,7 @@ def compute_value_loss(
     return torch.where(mask, loss, 0), metrics
 
 
-AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]  # the modes of `aggregate_loss`
 
 
 def aggregate_loss(
@@ -379,7 +317,7 @@ def aggregate_loss(
     Under DDP, which averages gradients over W ranks, pass that count / W.
 
     Args:
-        per_token_loss: (B, T). response_mask: (B, T). mode: one of `AGG_MODES`.
+        per_token_loss: (B, T). response_mask: (B, T). mode: one of `AggMode`.
         global_normalizer: None divides by this batch's own count.
 
     Returns:
@@ -395,8 +333,8 @@ def aggregate_loss(
             per_seq = per_seq / tokens.clamp(min=1)
         total, count = per_seq.sum(), (tokens > 0).sum()
     else:
-        raise ValueError(f"unknown loss aggregation mode '{mode}'{did_you_mean(mode, AGG_MODES)};"
-                         f" known: {', '.join(AGG_MODES)}")
+        modes = get_args(AggMode)
+        raise ValueError(f"unknown loss aggregation mode '{mode}'{did_you_mean(mode, modes)}; known: {', '.join(modes)}")
     return total / (count.clamp(min=1) if global_normalizer is None else global_normalizer)
 
 

@@ -88,7 +88,7 @@ def run(
         console.print(f"report: [bold]{write_report(pipe.run_dir)}[/]")
 
 
-SUMMARY_METRICS = ("reward/mean", "train_loss")  # else the first one a stage reports goes in the summary
+SUMMARY_METRICS = ("reward/mean", "train_loss")  # alignment/metrics.py names; the first a stage reports
 
 
 def _headline(metrics: dict) -> str:
@@ -143,26 +143,25 @@ def plan(recipe: Path = RecipeArg, run_dir: Path = RunDirOpt):
 
 @app.command("list")
 def list_():
-    """List registered stage methods, rewards, eval tasks and bundled models."""
+    """List what a recipe can name, from the registries: stage methods (with their data formats), rewards,
+    eval tasks, KL estimators, rollout backends and bundled models."""
+    from typing import get_args
+
+    from alignment.algos import KL_ESTIMATORS
     from alignment.models import BUNDLED
+    from alignment.recipe import Backend
     from alignment.stages import STAGES, load_stages
+    from evals import TASKS
+    from rewards import REWARDS
 
     load_stages()
-    console.print(f"[bold]stage methods[/]: {', '.join(STAGES.names())}")
-    try:
-        from rewards import REWARDS
-
-        console.print(f"[bold]rewards[/]: {', '.join(REWARDS.names())}")
-    except ImportError:
-        pass
-    try:
-        from evals import TASKS
-
-        console.print(f"[bold]eval tasks[/]: {', '.join(TASKS.names())}")
-    except ImportError:
-        pass
-    console.print("[bold]rollout backends[/]: auto, hf, vllm, vllm-server")
-    console.print(f"[bold]bundled models[/]: {', '.join('bundled:' + n for n in BUNDLED)}")
+    console.print("[bold]stage methods[/] (data formats):")
+    for name in STAGES.names():
+        console.print(f"  {name:<8} {', '.join(STAGES.get(name).formats)}")
+    for title, names in (("rewards", REWARDS.names()), ("eval tasks", TASKS.names()),
+                         ("KL estimators", KL_ESTIMATORS.names()), ("rollout backends", get_args(Backend)),
+                         ("bundled models", ["bundled:" + n for n in BUNDLED])):
+        console.print(f"[bold]{title}[/]: {', '.join(names)}")
 
 
 def _register_eval_commands() -> None:

@@ -19,6 +19,7 @@ from alignment.registry import did_you_mean
 BASE = "base"  # the name of the starting model in `from:` and in eval stage lists
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Backend = Literal["auto", "hf", "vllm", "vllm-server"]  # rollout engines (alignment/rollout.py make_engine)
 
 
 class Strict(BaseModel):
@@ -90,7 +91,7 @@ class RewardSpec(BaseModel):
 
 
 class RolloutConfig(Strict):
-    backend: Literal["auto", "hf", "vllm", "vllm-server"] = Field("auto", description="auto = vllm where it imports, else hf")
+    backend: Backend = Field("auto", description="auto = vllm where it imports, else hf")
     num_generations: int = Field(4, gt=0, description="completions per prompt")
     max_new_tokens: int = Field(64, gt=0)
     temperature: float = Field(1.0, ge=0)

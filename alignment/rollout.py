@@ -27,11 +27,12 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol, get_args
 
 import torch
 
-Backend = Literal["auto", "hf", "vllm", "vllm-server"]
+from alignment.recipe import Backend
+
 
 
 @dataclass
@@ -80,8 +81,8 @@ def encode_prompts(tokenizer, prompts: list[str | list[dict]]) -> list[list[int]
 
 def resolve_backend(backend: Backend) -> str:
     """`auto` -> `vllm` where `import vllm` works, else `hf`; prints the choice."""
-    if backend not in ("auto", "hf", "vllm", "vllm-server"):
-        raise ValueError(f"rollout backend {backend!r} is not one of: auto, hf, vllm, vllm-server")
+    if backend not in get_args(Backend):
+        raise ValueError(f"rollout backend {backend!r} is not one of: {', '.join(get_args(Backend))}")
     if backend != "auto":
         return backend
     try:

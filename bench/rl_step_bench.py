@@ -4,8 +4,8 @@ prompts, and the per-step times are read back from the stage's metrics.jsonl.
 
     .venv/bin/python bench/rl_step_bench.py [--steps 5] [--methods grpo ppo] [--backends hf vllm] [--out FILE.json]
 
-A step's time is its median over steps 2..N (step 1 carries the engine's warm-up). PPO logs its phases
-(generate, forward, train, sync), GRPO only the step (TRL's `step_time`).
+A step's time is its median over steps 2..N (step 1 carries the engine's warm-up). Both log `timing/step`
+(alignment/metrics.py); PPO also its phases (generate, forward, train, sync).
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ STAGES = {
              "args": {"learning_rate": 1.0e-4, "per_device_train_batch_size": 64, "beta": 0.0, "bf16": True,
                       "save_steps": 1000}},
     "ppo": {"rewards": [{"name": "math_accuracy"}],
-            "args": {"learning_rate": 1.0e-4, "batch_size": 8, "num_ppo_epochs": 2, "num_minibatches": 2,
-                     "bf16": True, "save_steps": 1000}},
+            # 8 prompts x 8 completions = 32 sequences per forward/backward x 2 minibatches
+            "args": {"learning_rate": 1.0e-4, "per_device_train_batch_size": 32, "num_mini_batches": 2,
+                     "num_ppo_epochs": 2, "bf16": True, "save_steps": 1000}},
 }
 
 
@@ -56,14 +57,12 @@ def bench(method: str, backend: str, steps: int, workdir: Path) -> dict:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{method}/{backend} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    key = "step_time" if method == "grpo" else "timing/step"
     rows = [json.loads(line) for line in (workdir / f"bench-{method}-{backend}" / method / "metrics.jsonl").open()]
-    rows = [r for r in rows if key in r]  # TRL's last line is the run's summary
+    rows = [r for r in rows if "timing/step" in r]  # TRL's last line is the run's summary
     row = {"method": method, "backend": backend, "steps": len(rows),
            "stage_wall_s": time.perf_counter() - started,
-           "step_s": statistics.median(r[key] for r in rows[1:]),
-           "completion_tokens_per_step": statistics.mean(
-               r["completions/mean_length" if method == "grpo" else "response/length_mean"] * 64 for r in rows[1:])}
+           "step_s": statistics.median(r["timing/step"] for r in rows[1:]),
+           "completion_tokens_per_step": statistics.mean(r["response/length_mean"] * 64 for r in rows[1:])}
     if method == "ppo":
         for phase in ("generate", "forward", "train", "sync"):
             row[f"{phase}_s"] = statistics.median(r[f"timing/{phase}"] for r in rows[1:])

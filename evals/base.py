@@ -13,8 +13,9 @@ import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, get_args
 
+from alignment.recipe import Backend
 from alignment.registry import Registry, did_you_mean
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class EvalTask(Protocol):
 TASKS: Registry[EvalTask] = Registry("eval task")
 
 # eval `args` read by the context rather than the task: the generation engine and its batch size
-CONTEXT_ARGS = {"backend": ("auto", "hf", "vllm", "vllm-server"), "batch_size": None}
+CONTEXT_ARGS = {"backend": get_args(Backend), "batch_size": None}
 DEFAULT_BACKEND = "auto"
 DEFAULT_BATCH_SIZE = 16
 

@@ -16,29 +16,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
+from alignment.metrics import PANELS, describe
 from alignment.recipe import BASE
 from evals.table import PALETTE, EvalTable, build_eval_table, fmt
 
 SAMPLE_CHARS = 600  # longer completions are cut in the report (the JSON keeps them whole)
 TEMPLATE = "report.html.j2"  # in evals/templates/
-
-# training-curve panels: title -> which metrics.jsonl keys go on it (first match wins)
-CURVE_PANELS: list[tuple[str, Callable[[str], bool]]] = [
-    ("loss", lambda k: k.endswith("loss")),
-    ("margin", lambda k: "margin" in k),
-    ("accuracy", lambda k: "accurac" in k),
-    ("reward", lambda k: "reward" in k),
-    ("KL", lambda k: k == "kl" or k.startswith("kl/") or k.endswith("/kl") or k.startswith("objective/kl")),
-    ("learning rate", lambda k: k == "learning_rate"),
-    ("grad norm", lambda k: k == "grad_norm"),
-    ("entropy", lambda k: "entropy" in k),
-    ("length", lambda k: "length" in k),
-]
-NOT_CURVES = ("step", "time", "epoch", "total_flos")
-NOT_CURVE_PARTS = ("runtime", "per_second", "train_loss", "num_tokens", "timing/")
-
 
 # ---------------------------------------------------------------- reading the run directory
 
@@ -119,21 +104,19 @@ def _pyplot():
 
 
 def curve_panels(rows: list[dict]) -> list[tuple[str, list[str]]]:
-    """(panel title, keys) for the keys logged at two or more steps, in CURVE_PANELS order."""
+    """(panel title, keys) for the keys logged at two or more steps, each on the panel alignment/metrics.py
+    declares for it (undeclared keys and those without a panel are not plotted), in `PANELS` order."""
     counts: dict[str, int] = {}
     for row in rows:
         for k, v in row.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 counts[k] = counts.get(k, 0) + 1
-    keys = [k for k, n in counts.items()
-            if n >= 2 and k not in NOT_CURVES and not any(p in k for p in NOT_CURVE_PARTS)]
     panels: dict[str, list[str]] = {}
-    for k in keys:
-        for title, match in CURVE_PANELS:
-            if match(k):
-                panels.setdefault(title, []).append(k)
-                break
-    return [(title, panels[title]) for title, _ in CURVE_PANELS if title in panels]
+    for k, n in counts.items():
+        metric = describe(k)
+        if n >= 2 and metric is not None and metric.panel is not None:
+            panels.setdefault(metric.panel, []).append(k)
+    return [(title, panels[title]) for title in PANELS if title in panels]
 
 
 def _ema(values: list[float], alpha: float) -> list[float]:

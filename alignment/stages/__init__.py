@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from alignment.recipe import BASE, ModelConfig, Recipe, StageConfig
+from transformers import TrainerCallback
+
+from alignment.metrics import PROGRESS, rename
+from alignment.recipe import BASE, ModelConfig, Recipe, RolloutConfig, StageConfig
 from alignment.registry import Registry
 
 STAGES: Registry[Callable] = Registry("stage method")
@@ -109,6 +112,51 @@ class StageContext:
         fn = STAGES.get(self.spec.method)
         return build(self.recipe.data, self.spec.data, formats or fn.formats, seed=self.recipe.seed)
 
+    # ------------------------------------------------------------ online RL (grpo, ppo)
+
+    @property
+    def rollout(self) -> RolloutConfig:
+        return self.spec.rollout or RolloutConfig()
+
+    def reward_functions(self) -> tuple[list[Callable], list[float]]:
+        """The stage's `rewards:` as (functions, weights), TRL's reward_funcs / reward_weights."""
+        from rewards import combine_rewards
+
+        return combine_rewards([{"name": r.name, "weight": r.weight, **(r.model_extra or {})} for r in self.spec.rewards])
+
+    def rollout_engine(self, policy, tokenizer, *, seed: int):
+        """The `rollout:` engine, started from this stage's start weights and given `policy`'s (the live
+        model, a PeftModel or 4-bit one included); it generates in the policy's dtype (float32 when quantized)."""
+        from alignment.rollout import make_engine
+
+        cfg = self.rollout
+        return make_engine(
+            cfg.backend, self.start_path(), tokenizer=tokenizer, model=policy,
+            dtype=str(policy.dtype).removeprefix("torch.") if self.model_cfg.quantization is None else "float32",
+            max_model_len=cfg.max_model_len, seed=seed,
+            **({"url": cfg.url} if cfg.url else {}),
+            **({"gpu_memory_utilization": cfg.gpu_memory_utilization} if cfg.backend != "hf" else {}),
+        )
+
+    # ------------------------------------------------------------ logging, progress, the fault hook
+
+    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        """Append {"step", "time", **metrics} (numbers only; keys from alignment/metrics.py) to metrics.jsonl."""
+        row = {"step": step, "time": round(time.time(), 3)}
+        row.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        with open(self.metrics_file, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def progress(self, total: int, completed: int = 0) -> "Progress":
+        return Progress(self.name, total, completed)
+
+    def fault_hook(self, step: int) -> None:
+        """Called right after a checkpoint is saved. Test hook: ALIGNKIT_FAULT_KILL_AFTER_SAVE=N kills this
+        process (SIGKILL) once `step` >= N -- how the resume tests cut a stage off mid-run."""
+        kill_at = os.environ.get("ALIGNKIT_FAULT_KILL_AFTER_SAVE")
+        if kill_at and step >= int(kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)
+
     # ------------------------------------------------------------ TRL glue
 
     def last_checkpoint(self) -> Optional[str]:
@@ -145,13 +193,13 @@ class StageContext:
         return cls(**values)
 
     def callbacks(self) -> list:
-        return [MetricsCallback(self.metrics_file), ProgressCallback(self.name)]
+        return [StageCallback(self)]
 
     def train(self, trainer) -> dict:
         """trainer.train(), resuming from the last checkpoint when there is one."""
         from transformers.trainer_callback import PrinterCallback
 
-        trainer.remove_callback(PrinterCallback)  # our ProgressCallback shows the logs
+        trainer.remove_callback(PrinterCallback)  # our StageCallback shows the logs
         resume = self.last_checkpoint()
         if resume:
             print(f"alignkit: resuming {self.name} from {Path(resume).name}", flush=True)
@@ -184,17 +232,13 @@ def stage_weights(recipe: Recipe, run_dir: Path, name: str) -> str:
     return str(full_weights(run_dir / name / "model"))
 
 
-REWARD_KEYS = ("reward/mean", "reward")  # what RL stages log per step (ours, TRL's)
-
-
 def reward_trend(path: Path) -> dict[str, float]:
     """Mean reward over the first and the last quarter of the logged steps: one step's reward is
     noisy (a handful of prompts), so the summary and the closing numbers compare quarters."""
     if not path.exists():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    key = next((k for k in REWARD_KEYS if any(isinstance(r.get(k), (int, float)) for r in rows)), None)
-    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))] if key else []
+    values = [r["reward/mean"] for r in rows if isinstance(r.get("reward/mean"), (int, float))]
     if len(values) < 2:
         return {}
     n = max(1, len(values) // 4)
@@ -209,73 +253,69 @@ def truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-# ---------------------------------------------------------------- trainer callbacks
-
-try:
-    from transformers import TrainerCallback
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    TrainerCallback = object
+# ---------------------------------------------------------------- progress and trainer callbacks
 
 
-class MetricsCallback(TrainerCallback):
-    """Appends one JSON line per logging step to STAGE/metrics.jsonl (read by the report)."""
+class Progress:
+    """A rich progress bar over a stage's steps with the latest `metrics.PROGRESS` values; when stdout is not a
+    terminal, a plain line at each tenth of the run instead."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, name: str, total: int, completed: int = 0):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Bar(TextColumn(f"[bold]{name}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                       TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn())
+        self.name, self.total, self.last = name, total, {}
+        self.plain = not self.bar.console.is_terminal
+        self.task = self.bar.add_task(name, total=total, completed=completed, info="")
+        if not self.plain:
+            self.bar.start()
+
+    def update(self, step: int, metrics: Optional[dict] = None) -> None:
+        """Move to `step`; with `metrics` (canonical keys), show them and maybe print a plain line."""
+        self.last.update({k: v for k, v in (metrics or {}).items() if k in PROGRESS and isinstance(v, (int, float))})
+        info = " ".join(f"{label} {self.last[k]:.4g}" for k, label in PROGRESS.items() if k in self.last)
+        self.bar.update(self.task, completed=step, info=info)
+        if self.plain and metrics is not None and (step % max(1, self.total // 10) == 0 or step == self.total):
+            print(f"  {self.name} step {step}/{self.total} {info}", flush=True)
+
+    def print(self, text: str) -> None:
+        if self.plain:
+            print(text, flush=True)
+        else:
+            self.bar.console.print(text, markup=False, highlight=False)
+
+    def stop(self) -> None:
+        if not self.plain:
+            self.bar.stop()
+
+
+
+class StageCallback(TrainerCallback):
+    """A TRL trainer's logs, once renamed to our keys (`metrics.rename`), go to metrics.jsonl (rank 0) and the
+    progress bar (`ctx.progress`, over optimizer steps); `ctx.fault_hook` runs after each checkpoint."""
+
+    def __init__(self, ctx: StageContext):
+        self.ctx, self.progress = ctx, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.progress = self.ctx.progress(state.max_steps, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        row = {"step": state.global_step, "time": round(time.time(), 3)}
-        row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-
-
-class ProgressCallback(TrainerCallback):
-    """A rich progress bar over optimizer steps with the latest loss; plain lines when not a TTY.
-
-    Test hook: ALIGNKIT_FAULT_KILL_AFTER_SAVE=N kills this process (SIGKILL) right after the
-    checkpoint at step >= N is saved -- how the resume tests cut a stage off mid-run.
-    """
-
-    def __init__(self, name: str):
-        self.name, self.progress, self.task, self.last = name, None, None, {}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn(f"[bold]{self.name}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn(),
-        )
-        self.plain = not self.progress.console.is_terminal
-        self.task = self.progress.add_task(self.name, total=state.max_steps, completed=state.global_step, info="")
-        if not self.plain:
-            self.progress.start()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.progress is None or not logs:
-            return
-        self.last.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
-        keys = [k for k in ("loss", "reward", "rewards/margins", "accuracy") if k in self.last]
-        info = " ".join(f"{k.split('/')[-1]} {self.last[k]:.4g}" for k in keys)
-        self.progress.update(self.task, completed=state.global_step, info=info)
-        every = max(1, state.max_steps // 10)
-        if self.plain and (state.global_step % every == 0 or state.global_step == state.max_steps):
-            print(f"  {self.name} step {state.global_step}/{state.max_steps} {info}", flush=True)
+        metrics = rename(self.ctx.spec.method, logs)
+        self.ctx.log_metrics(state.global_step, metrics)
+        self.progress.update(state.global_step, metrics)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step)
+            self.progress.update(state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
-        kill_at = os.environ.get("ALIGNKIT_FAULT_KILL_AFTER_SAVE")
-        if kill_at and state.global_step >= int(kill_at):
-            os.kill(os.getpid(), signal.SIGKILL)
+        self.ctx.fault_hook(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.progress is not None and not self.plain:
+        if self.progress is not None:
             self.progress.stop()

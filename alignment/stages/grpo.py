@@ -10,7 +10,6 @@ cispo, ...) and the KL `beta` (reference = the `from` model) come through `args`
 """
 from __future__ import annotations
 
-from alignment.recipe import RolloutConfig
 from alignment.stages import StageContext, StageResult, stage
 
 
@@ -29,25 +28,19 @@ def _check(recipe, name):
 
 
 class Rollouts:
-    """TRL `rollout_func`: one completion per (already repeated) prompt from our engine, with the
-    policy's weights pushed to the engine once per optimizer step."""
+    """TRL `rollout_func`: one completion per (already repeated) prompt from the stage's engine
+    (`ctx.rollout_engine`), with the policy's weights pushed to the engine once per optimizer step."""
 
-    def __init__(self, ctx: StageContext, cfg: RolloutConfig, tokenizer):
-        self.ctx, self.cfg, self.tokenizer = ctx, cfg, tokenizer
+    def __init__(self, ctx: StageContext, tokenizer, seed: int):
+        self.ctx, self.cfg, self.tokenizer, self.seed = ctx, ctx.rollout, tokenizer, seed
         self.engine, self.synced_step, self.backend = None, -1, None
 
     def __call__(self, prompts, trainer):
-        from alignment.rollout import SamplingConfig, encode_prompts, make_engine
+        from alignment.rollout import SamplingConfig, encode_prompts
 
         policy = trainer.accelerator.unwrap_model(trainer.model)
         if self.engine is None:
-            self.engine = make_engine(
-                self.cfg.backend, self.ctx.start_path(), tokenizer=self.tokenizer, model=policy,
-                dtype=str(policy.dtype).removeprefix("torch.") if self.ctx.model_cfg.quantization is None else "float32",
-                max_model_len=self.cfg.max_model_len, seed=self.ctx.recipe.seed,
-                **({"url": self.cfg.url} if self.cfg.url else {}),
-                **({"gpu_memory_utilization": self.cfg.gpu_memory_utilization} if self.cfg.backend != "hf" else {}),
-            )
+            self.engine = self.ctx.rollout_engine(policy, self.tokenizer, seed=self.seed)
             self.backend, self.synced_step = self.engine.name, trainer.state.global_step
         elif trainer.state.global_step != self.synced_step:
             self.engine.sync_weights(policy)
@@ -68,18 +61,15 @@ class Rollouts:
 def run(ctx: StageContext) -> StageResult:
     from trl import GRPOConfig, GRPOTrainer
 
-    from rewards import combine_rewards
-
-    spec = ctx.spec
-    cfg = spec.rollout or RolloutConfig()
-    funcs, weights = combine_rewards([{"name": r.name, "weight": r.weight, **(r.model_extra or {})} for r in spec.rewards])
+    cfg = ctx.rollout
+    funcs, weights = ctx.reward_functions()
     tokenizer = ctx.tokenizer()
     args = ctx.trl_config(
         GRPOConfig, num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
         temperature=max(cfg.temperature, 1e-3), top_p=cfg.top_p, top_k=cfg.top_k, reward_weights=weights,
         per_device_train_batch_size=2 * cfg.num_generations, log_completions=False,
     )
-    rollouts = Rollouts(ctx, cfg, tokenizer)
+    rollouts = Rollouts(ctx, tokenizer, seed=args.seed)
     trainer = GRPOTrainer(
         model=ctx.load_model(), reward_funcs=funcs, args=args, train_dataset=ctx.dataset(),
         processing_class=tokenizer, peft_config=ctx.peft_config(), callbacks=ctx.callbacks(),

@@ -13,25 +13,27 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
+import math
 import os
 import random
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
 import numpy as np
+import pydantic
 import torch
+from pydantic import Field
 
 from alignment.algos import (
-    AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController, FixedKLController, RolloutBatch, aggregate_loss,
-    compute_gae, compute_kl, compute_token_rewards, compute_value_loss, entropy_from_logits, logprobs_from_logits,
-    masked_mean, masked_var, masked_whiten, truncate_after_stop,
+    KL_ESTIMATORS, AdaptiveKLController, AggMode, FixedKLController, RolloutBatch, aggregate_loss, compute_gae,
+    compute_kl, compute_token_rewards, compute_value_loss, entropy_from_logits, logprobs_from_logits, masked_mean,
+    masked_var, masked_whiten, ppo_clip_loss, truncate_after_stop,
 )
-from alignment.recipe import RolloutConfig
+from alignment.recipe import RolloutConfig, _pydantic_problems
+from alignment.registry import did_you_mean
 from alignment.rollout import Completion, SamplingConfig
 from alignment.stages import StageContext, StageResult, reward_trend, stage, truncate_metrics
 
@@ -39,101 +41,83 @@ from alignment.stages import StageContext, StageResult, reward_trend, stage, tru
 # ---------------------------------------------------------------------------------------------- config
 
 
-@dataclass
+@pydantic.dataclasses.dataclass(config=pydantic.ConfigDict(extra="forbid"))
 class PPOConfig:
-    """The `args:` of a ppo stage. One update = one rollout of `batch_size` prompts x
-    `rollout.num_generations` completions, then `num_ppo_epochs` x `num_minibatches` optimizer steps."""
+    """The `args:` of a ppo stage, named as in TRL's on-policy trainers (its old PPOConfig and RLOOConfig, which
+    count `per_device_train_batch_size` in sequences, as GRPOConfig does): one update generates a rollout of
+    `per_device_train_batch_size` x `gradient_accumulation_steps` x `num_mini_batches` sequences, i.e. that over
+    `rollout.num_generations` prompts, then takes `num_ppo_epochs` x `num_mini_batches` optimizer steps, each
+    summing `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` sequences (one
+    forward/backward each; ppo runs in one process). `max_steps` counts updates; unset, the stage makes
+    `num_train_epochs` passes over the prompts.
 
-    learning_rate: float = 1.0e-5  # policy; 3e-6 full fine-tuning at ~1B (N+), ~1e-4 LoRA
-    lr_scheduler_type: Literal["linear", "constant"] = "linear"  # linear: decay to 0 over max_steps, no warmup
-    critic_learning_rate: Optional[float] = None  # value head / critic; None = learning_rate
-    max_steps: int = 100  # PPO updates (rollouts)
-    batch_size: int = 16  # prompts per rollout
-    num_ppo_epochs: int = 4  # passes over each rollout (TRL, N+: 4)
-    num_minibatches: int = 2  # optimizer steps per pass; must divide batch_size * num_generations
-    micro_batch_size: Optional[int] = None  # sequences per forward/backward (memory); None = a minibatch
-    gamma: float = 1.0  # discount (NB Policy 6)
-    gae_lambda: float = 0.95  # GAE lambda (TRL, N+)
-    clip_eps_low: float = 0.2  # ratio clipped to [1 - low, 1 + high]
-    clip_eps_high: float = 0.2
-    dual_clip: Optional[float] = None  # c > 1 caps the loss at -c * A for A < 0 (Ye et al. 2020; verl c = 3)
-    clip_eps_value: float = 0.2  # value clip around the rollout values (TRL, N+; 0.5 in verl, OpenRLHF)
-    vf_coef: float = 0.1  # loss = policy + vf_coef * value - entropy_coef * entropy
-    entropy_coef: float = 0.0
-    kl_coef: float = 0.05  # beta of the in-reward KL penalty (TRL 0.05; NB 0.15 adaptive)
-    kl_estimator: str = "k1"  # a name in algos.KL_ESTIMATORS
-    adaptive_kl: bool = False  # move kl_coef toward target_kl (Ziegler et al. 2019, 2.2)
-    target_kl: float = 6.0  # nats per sequence (NB Policy 11)
-    horizon: int = 10000
-    whiten_advantages: bool = True
-    whiten_rewards: bool = False  # N+ found it harmful; needs >= 8 sequences per rollout
-    missing_eos_penalty: Optional[float] = 1.0  # subtracted from the score of a completion cut at the limit
-    loss_agg_mode: str = "token-mean"  # a mode of algos.aggregate_loss
-    max_grad_norm: float = 1.0
-    adam_eps: float = 1.0e-5  # N+
-    weight_decay: float = 0.0
-    critic: Literal["value_head", "separate"] = "value_head"  # separate: own model, from the RM or the policy
-    critic_warmup: int = 0  # first N updates train the critic only (verl): a baseline before the policy moves
-    bf16: bool = False  # bf16 autocast for the models' forward/backward (weights, values and losses stay fp32)
-    save_steps: Optional[int] = None  # checkpoint every N updates; None = max_steps // 5
-    save_total_limit: int = 2
-    logging_steps: int = 1
-    sample_steps: int = 10  # print one decoded completion and its reward every N updates
-    seed: Optional[int] = None  # None = the recipe's seed
+    Raises:
+        pydantic.ValidationError: a wrong type or an out-of-range value (a recipe reports it with file:line).
+    """
 
-    def __post_init__(self):
-        problems = _config_problems(self)
-        if problems:
-            raise PPOConfigError(problems)
-        if self.save_steps is None:
-            self.save_steps = max(1, self.max_steps // 5)
+    learning_rate: float = Field(1.0e-5, gt=0, description="policy; 3e-6 full fine-tuning at ~1B (N+), ~1e-4 LoRA")
+    lr_scheduler_type: Literal["linear", "constant"] = Field(
+        "linear", description="linear: decay to 0 over the updates, no warmup (N+)")
+    critic_learning_rate: Optional[float] = Field(None, gt=0, description="value head / critic; None = learning_rate")
+    max_steps: int = Field(-1, description="PPO updates (rollouts); <= 0: as many as num_train_epochs needs")
+    num_train_epochs: float = Field(3.0, gt=0, description="passes over the prompts, when max_steps is unset")
+    per_device_train_batch_size: int = Field(32, gt=0, description="sequences per forward/backward (micro-batch)")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    num_mini_batches: int = Field(2, gt=0, description="optimizer steps per pass over a rollout (TRL's name)")
+    num_ppo_epochs: int = Field(4, gt=0, description="passes over each rollout (TRL, N+: 4)")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount (NB Policy 6)")
+    gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE lambda (TRL, N+)")
+    clip_eps_low: float = Field(0.2, gt=0, description="ratio clipped to [1 - clip_eps_low, 1 + clip_eps_high]")
+    clip_eps_high: float = Field(0.2, gt=0, description="the upper clip; > low is DAPO's Clip-Higher")
+    dual_clip: Optional[float] = Field(
+        None, gt=1, description="c > 1 caps the loss at -c * A for A < 0 (Ye et al. 2020; verl c = 3); None = off")
+    clip_eps_value: float = Field(
+        0.2, gt=0, description="value clip around the rollout values (TRL, N+; 0.5 in verl, OpenRLHF)")
+    vf_coef: float = Field(0.1, ge=0, description="loss = policy + vf_coef * value - entropy_coef * entropy")
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus weight")
+    kl_coef: float = Field(0.05, ge=0, description="beta of the in-reward KL penalty (TRL 0.05; NB 0.15 adaptive)")
+    kl_estimator: str = Field("k1", description="a name in algos.KL_ESTIMATORS")
+    adaptive_kl: bool = Field(False, description="move kl_coef toward target_kl (Ziegler et al. 2019, 2.2)")
+    target_kl: float = Field(6.0, gt=0, description="nats per sequence (NB Policy 11)")
+    horizon: int = Field(10000, gt=0, description="the adaptive controller's horizon, in sequences")
+    whiten_advantages: bool = Field(True, description="normalise advantages over the rollout")
+    whiten_rewards: bool = Field(False, description="N+ found it harmful; needs >= 8 sequences per rollout")
+    missing_eos_penalty: Optional[float] = Field(
+        1.0, ge=0, description="subtracted from the score of a completion cut at the limit; None = off")
+    loss_agg_mode: AggMode = Field("token-mean", description="how per-token losses reduce (algos.aggregate_loss)")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping, policy and critic together")
+    adam_epsilon: float = Field(1.0e-5, gt=0, description="AdamW epsilon (N+)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    critic: Literal["value_head", "separate"] = Field(
+        "value_head", description="separate: its own model, from the RM or the policy")
+    critic_warmup: int = Field(
+        0, ge=0, description="first N updates train the critic only (verl): a baseline before the policy moves")
+    bf16: bool = Field(
+        False, description="bf16 autocast for the models' forward/backward (weights, values, losses stay fp32)")
+    save_steps: Optional[int] = Field(None, gt=0, description="checkpoint every N updates; None = a fifth of them")
+    save_total_limit: int = Field(2, gt=0, description="checkpoints kept")
+    logging_steps: int = Field(1, gt=0, description="write metrics every N updates")
+    sample_steps: int = Field(10, gt=0, description="print one decoded completion and its reward every N updates")
+    seed: Optional[int] = Field(None, description="None = the recipe's seed")
 
+    @pydantic.field_validator("kl_estimator")
+    @classmethod
+    def _known_estimator(cls, name: str) -> str:
+        if name not in KL_ESTIMATORS:
+            raise ValueError(f"unknown KL estimator '{name}'{did_you_mean(name, KL_ESTIMATORS.names())}; "
+                             f"known: {', '.join(KL_ESTIMATORS.names())}")
+        return name
 
-class PPOConfigError(ValueError):
-    def __init__(self, problems: list[tuple[str, str]]):
-        self.problems = problems
-        super().__init__("; ".join(f"args.{key}: {msg}" for key, msg in problems))
+    @property
+    def rollout_size(self) -> int:
+        """Sequences per rollout: per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
 
-
-_POSITIVE = ("learning_rate", "critic_learning_rate", "max_steps", "batch_size", "num_ppo_epochs", "num_minibatches",
-             "micro_batch_size", "clip_eps_low", "clip_eps_high", "clip_eps_value", "max_grad_norm", "adam_eps",
-             "target_kl", "horizon", "save_steps", "save_total_limit", "logging_steps", "sample_steps")
-_UNIT = ("gamma", "gae_lambda")
-
-
-def _config_problems(cfg: PPOConfig) -> list[tuple[str, str]]:
-    """Type and range problems, as (field, message); numbers written as strings ('1e-5' in YAML) are converted."""
-    problems = []
-    for f in dataclasses.fields(cfg):
-        value, kind = getattr(cfg, f.name), f.type.removeprefix("Optional[").removesuffix("]")
-        if value is None:
-            if not f.type.startswith("Optional"):
-                problems.append((f.name, "must be set"))
-            continue
-        if kind == "float" and isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        ok = {"float": isinstance(value, (int, float)), "int": isinstance(value, int),
-              "bool": isinstance(value, bool), "str": isinstance(value, str)}.get(kind, True)
-        if not ok or (kind != "bool" and isinstance(value, bool)):
-            problems.append((f.name, f"must be {kind}, got {value!r}"))
-            continue
-        setattr(cfg, f.name, float(value) if kind == "float" else value)
-        if f.name in _POSITIVE and value <= 0:
-            problems.append((f.name, f"must be > 0, got {value}"))
-        if f.name in _UNIT and not 0 <= value <= 1:
-            problems.append((f.name, f"must be in [0, 1], got {value}"))
-        if f.name in ("vf_coef", "entropy_coef", "kl_coef", "weight_decay", "missing_eos_penalty",
-                      "critic_warmup") and value < 0:
-            problems.append((f.name, f"must be >= 0, got {value}"))
-    if cfg.dual_clip is not None and isinstance(cfg.dual_clip, float) and cfg.dual_clip <= 1:
-        problems.append(("dual_clip", f"must be > 1 (or null), got {cfg.dual_clip}"))
-    choices = {"critic": ("value_head", "separate"), "lr_scheduler_type": ("linear", "constant"),
-               "kl_estimator": tuple(KL_ESTIMATORS.names()), "loss_agg_mode": AGG_MODES}
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            problems.append((key, f"unknown value {getattr(cfg, key)!r}; one of: {', '.join(allowed)}"))
-    return problems
+    def num_updates(self, num_prompts: int, num_generations: int) -> int:
+        """`max_steps`, or the updates `num_train_epochs` passes over `num_prompts` prompts take."""
+        if self.max_steps > 0:
+            return self.max_steps
+        return max(1, math.ceil(self.num_train_epochs * num_prompts * num_generations / self.rollout_size))
 
 
 def _check(recipe, name):
@@ -145,22 +129,23 @@ def _check(recipe, name):
     if not spec.rewards:
         problems.append(Problem(where + ("rewards",), "ppo needs at least one reward, e.g. rewards: "
                                 "[{name: reward_model, stage: rm}]"))
-    rollout = spec.rollout or RolloutConfig()
+    rollout = spec.rollout or RolloutConfig()  # ctx.rollout, before there is a context
     if rollout.temperature == 0:
         problems.append(Problem(where + ("rollout", "temperature"), "ppo samples: temperature must be > 0"))
     if rollout.top_k != 0 or rollout.top_p != 1:
         problems.append(Problem(where + ("rollout",), "ppo rollouts must sample from the policy itself: set "
                                 "top_k: 0 and top_p: 1.0 (truncated sampling makes the KL estimate negative)"))
-    known = {f.name for f in dataclasses.fields(PPOConfig)}
-    cfg = None
+    known = {f.name for f in dataclasses.fields(PPOConfig)}  # unknown keys: the recipe's own args check
     try:
         cfg = PPOConfig(**{k: v for k, v in spec.args.items() if k in known})
-    except PPOConfigError as err:
-        problems += [Problem(where + ("args", key), msg) for key, msg in err.problems]
-    if cfg is not None and (cfg.batch_size * rollout.num_generations) % cfg.num_minibatches:
-        problems.append(Problem(where + ("args", "num_minibatches"), f"batch_size x rollout.num_generations "
-                                f"({cfg.batch_size * rollout.num_generations}) must be divisible by "
-                                f"num_minibatches ({cfg.num_minibatches})"))
+    except pydantic.ValidationError as err:
+        problems += [dataclasses.replace(p, path=where + ("args",) + p.path) for p in _pydantic_problems(err, {})]
+    else:
+        if cfg.rollout_size % rollout.num_generations:
+            problems.append(Problem(where + ("args", "per_device_train_batch_size"), (
+                f"a rollout of per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches = "
+                f"{cfg.rollout_size} sequences must be divisible by rollout.num_generations "
+                f"({rollout.num_generations}): whole prompts, each with all its completions")))
     model = recipe.stage_model(name)
     if model.quantization is not None and model.adapter is None:
         problems.append(Problem(where + ("model",), "quantized weights cannot be trained in full: add an "
@@ -295,38 +280,11 @@ RewardFn = Callable[[list[Completion]], tuple[list[float], dict[str, list]]]  # 
 
 @dataclass
 class UpdateStats:
-    """What one update returns: the metrics (STYLE section 9 names, plain floats) and one sample."""
+    """What one update returns: the metrics (keys declared in alignment/metrics.py, plain floats) and one sample."""
 
     metrics: dict[str, float]
     sample: Completion
     sample_score: float  # the reward functions' total, before the EOS penalty
-
-
-METRICS = {  # every key logged per update, its meaning and unit
-    "reward/mean": "reward functions' weighted total per completion, before the EOS penalty and KL",
-    "reward/std": "its standard deviation over the rollout",
-    "reward/<fn>/mean": "one reward function's mean score (its None scores left out)",
-    "kl/ref": "KL(policy || reference) per sequence (sum over tokens of the chosen estimator), nats, at rollout",
-    "kl/coef": "the KL coefficient beta used in this update's rewards",
-    "policy/loss": "clipped surrogate loss, averaged over the update's minibatches",
-    "policy/clipfrac": "share of valid tokens where the clipped ratio term was used",
-    "policy/approxkl": "1/2 mean (logprobs - old_logprobs)^2 over valid tokens",
-    "policy/ratio_mean": "mean probability ratio; ~1",
-    "policy/dual_clipfrac": "share of valid tokens capped by the dual clip (only with dual_clip)",
-    "policy/entropy": "mean per-token entropy of the temperature-scaled policy, nats",
-    "policy/grad_norm": "gradient norm before clipping (policy and critic together)",
-    "value/loss": "clipped value loss, 1/2 (V - R)^2",
-    "value/clipfrac": "share of valid tokens where the clipped value error was larger",
-    "value/vpred_mean": "mean value prediction", "value/error": "mean (V - R)^2, unclipped",
-    "value/explained_var": "1 - Var(R - V) / Var(R) over valid tokens, rollout values",
-    "adv/mean": "mean GAE advantage before whitening", "adv/std": "its standard deviation",
-    "response/length_mean": "valid response tokens per completion (stop token included)",
-    "response/truncated_frac": "share of completions without a stop token",
-    "rollout/logprob_diff": "mean |engine log-prob - trainer's recomputed old log-prob| over valid tokens",
-    "rollout/tokens_per_sec": "generated tokens per second of the generate phase",
-    "timing/<phase>": "seconds per phase: generate, score, forward, advantages, train, sync, step",
-    "learning_rate": "the policy's learning rate in this update",
-}
 
 
 class PPOTrainer:
@@ -335,12 +293,14 @@ class PPOTrainer:
     `save` / `load` hold everything a resume needs.
 
     Raises:
-        ValueError: the rollout size is not divisible by `num_minibatches`; a bad role setup.
+        ValueError: a rollout that is not `cfg.rollout_size` sequences; `cfg.max_steps` unset; a bad role setup.
     """
 
     def __init__(self, roles: Roles, engine, cfg: PPOConfig, sampling: SamplingConfig, *, stop_id: int, pad_id: int):
         if sampling.top_k or sampling.top_p < 1 or sampling.temperature <= 0:
             raise ValueError("ppo samples from the policy itself: temperature > 0, top_k 0, top_p 1")
+        if cfg.max_steps <= 0:
+            raise ValueError("set cfg.max_steps (the updates) first, e.g. to cfg.num_updates(...)")
         self.roles, self.engine, self.cfg, self.sampling = roles, engine, cfg, sampling
         self.stop_id, self.pad_id = stop_id, pad_id
         self.device = next(roles.policy.parameters()).device
@@ -349,13 +309,12 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": policy_params, "lr": cfg.learning_rate},
              {"params": critic_params, "lr": cfg.critic_learning_rate or cfg.learning_rate}],
-            eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+            eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
         # no warmup, linear decay to 0 over the updates; one scheduler step per update (N+, NB General 5)
         decay = (lambda u: 1.0 - u / cfg.max_steps) if cfg.lr_scheduler_type == "linear" else (lambda u: 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
-        self.policy_loss = POLICY_LOSSES.get("ppo_clip")
         self.update = 0  # updates done
 
     def autocast(self):
@@ -389,7 +348,7 @@ class PPOTrainer:
         log-probs and rollout values, in micro-batches, no grad."""
         temperature, roles = self.sampling.temperature, self.roles
         old, ref, values = [], [], []
-        for part in self._chunks(batch, max(1, len(batch) // self.cfg.num_minibatches)):
+        for part in self._micro_batches(batch):
             with self.autocast():
                 lp, _, v = policy_forward(roles.policy, part, temperature, value_head=roles.value_head)
                 if roles.critic is not None:
@@ -430,7 +389,7 @@ class PPOTrainer:
                                                        value_head=roles.value_head, entropy=True, detach_trunk=warming)
             if roles.critic is not None:
                 values = critic_forward(roles.critic, part)
-        per_token, metrics = self.policy_loss(logprobs, part.old_logprobs, part.advantages, mask,
+        per_token, metrics = ppo_clip_loss(logprobs, part.old_logprobs, part.advantages, mask,
                                               clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
                                               dual_clip=cfg.dual_clip)
         if cfg.dual_clip is None:
@@ -451,19 +410,19 @@ class PPOTrainer:
     def train(self, batch: RolloutBatch) -> dict:
         """K epochs x M minibatches, a fresh permutation each epoch, one optimizer step per minibatch."""
         cfg, size = self.cfg, len(batch)
-        if size % cfg.num_minibatches:
-            raise ValueError(f"the rollout ({size} sequences) must be divisible by num_minibatches "
-                             f"({cfg.num_minibatches})")
-        mb_size = size // cfg.num_minibatches
+        if size != cfg.rollout_size:
+            raise ValueError(f"the rollout holds {size} sequences; per_device_train_batch_size x "
+                             f"gradient_accumulation_steps x num_mini_batches = {cfg.rollout_size}")
+        mb_size = size // cfg.num_mini_batches
         totals: dict[str, float] = {}
         for _ in range(cfg.num_ppo_epochs):
             order = torch.randperm(size).to(self.device)
-            for m in range(cfg.num_minibatches):
+            for m in range(cfg.num_mini_batches):
                 minibatch = batch.select(order[m * mb_size:(m + 1) * mb_size])
                 normalizer = _normalizer(minibatch.response_mask, cfg.loss_agg_mode)
                 tokens = minibatch.response_mask.sum().clamp(min=1)
                 self.optimizer.zero_grad(set_to_none=True)
-                for part in self._chunks(minibatch, mb_size):
+                for part in self._micro_batches(minibatch):
                     loss, metrics = self.minibatch_loss(part, normalizer)
                     loss.backward()
                     share = part.response_mask.sum() / tokens  # rates: token-weighted; losses already add up
@@ -471,9 +430,9 @@ class PPOTrainer:
                         weight = 1.0 if key in ("policy/loss", "value/loss") else share
                         totals[key] = totals.get(key, 0.0) + (value * weight).item()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                totals["policy/grad_norm"] = totals.get("policy/grad_norm", 0.0) + grad_norm.item()
+                totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.item()
                 self.optimizer.step()
-        steps = cfg.num_ppo_epochs * cfg.num_minibatches
+        steps = cfg.num_ppo_epochs * cfg.num_mini_batches
         return {key: value / steps for key, value in totals.items()}
 
     def step(self, prompt_ids: list[list[int]], reward_fn: RewardFn) -> UpdateStats:
@@ -507,9 +466,9 @@ class PPOTrainer:
         } | {f"timing/{phase}": seconds for phase, seconds in timings.items()}
         return UpdateStats(metrics=metrics, sample=completions[0], sample_score=float(raw_scores[0]))
 
-    def _chunks(self, batch: RolloutBatch, size: int):
-        """Micro-batches of `micro_batch_size` sequences, or of `size` when that is unset."""
-        size = self.cfg.micro_batch_size or size
+    def _micro_batches(self, batch: RolloutBatch):
+        """Slices of `per_device_train_batch_size` sequences: one forward (and backward) each."""
+        size = self.cfg.per_device_train_batch_size
         for start in range(0, len(batch), size):
             yield batch.select(slice(start, start + size))
 
@@ -651,11 +610,11 @@ def _permutation(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n)
 
 
-def prompt_rows(dataset, update: int, batch_size: int, seed: int) -> list[dict]:
-    """The prompts of update `update`: a fresh shuffle per pass over the data, a function of the update
-    index alone, so a resumed run sees the same prompts."""
+def prompt_rows(dataset, update: int, num_prompts: int, seed: int) -> list[dict]:
+    """The `num_prompts` prompts of update `update`: a fresh shuffle per pass over the data, a function of the
+    update index alone, so a resumed run sees the same prompts."""
     n, rows = len(dataset), []
-    for k in range(update * batch_size, (update + 1) * batch_size):
+    for k in range(update * num_prompts, (update + 1) * num_prompts):
         epoch, position = divmod(k, n)
         rows.append(dataset[int(_permutation(n, seed + epoch)[position])])
     return rows
@@ -678,37 +637,6 @@ def _reward_fn(funcs, weights, rows: list[dict], num_generations: int) -> Reward
     return fn
 
 
-class _Progress:
-    """A rich progress bar over updates with the latest reward and KL; plain lines when not a TTY."""
-
-    def __init__(self, name: str, total: int, completed: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn(f"[bold]{name}[/]"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("<"),
-                                 TimeRemainingColumn())
-        self.name, self.total, self.plain = name, total, not self.progress.console.is_terminal
-        self.task = self.progress.add_task(name, total=total, completed=completed, info="")
-        if not self.plain:
-            self.progress.start()
-
-    def update(self, step: int, metrics: dict) -> None:
-        info = f"reward {metrics['reward/mean']:.4g} kl {metrics['kl/ref']:.3g}"
-        self.progress.update(self.task, completed=step, info=info)
-        if self.plain and (step % max(1, self.total // 10) == 0 or step == self.total):
-            print(f"  {self.name} update {step}/{self.total} {info}", flush=True)
-
-    def print(self, text: str) -> None:
-        if self.plain:
-            print(text, flush=True)
-        else:
-            self.progress.console.print(text, markup=False, highlight=False)
-
-    def stop(self) -> None:
-        if not self.plain:
-            self.progress.stop()
-
-
 def _prompt_text(prompt) -> str:
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
@@ -716,11 +644,9 @@ def _prompt_text(prompt) -> str:
 @stage("ppo", config=lambda: PPOConfig, formats=("prompt",), check=_check)
 def run(ctx: StageContext) -> StageResult:
     from alignment.models import save_artifact
-    from alignment.rollout import encode_prompts, make_engine
-    from rewards import combine_rewards
+    from alignment.rollout import encode_prompts
 
-    cfg = PPOConfig(**{"seed": ctx.recipe.seed, **ctx.spec.args})
-    rollout = ctx.spec.rollout or RolloutConfig()
+    cfg, rollout = PPOConfig(**{"seed": ctx.recipe.seed, **ctx.spec.args}), ctx.rollout
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise RuntimeError("the ppo stage runs in one process; set launch.num_processes: 1 for it")
     random.seed(cfg.seed)
@@ -728,19 +654,15 @@ def run(ctx: StageContext) -> StageResult:
     torch.manual_seed(cfg.seed)
 
     tokenizer, dataset = ctx.tokenizer(), ctx.dataset()
-    funcs, weights = combine_rewards([{"name": r.name, "weight": r.weight, **(r.model_extra or {})}
-                                      for r in ctx.spec.rewards])
+    cfg = dataclasses.replace(cfg, max_steps=cfg.num_updates(len(dataset), rollout.num_generations))
+    prompts_per_update = cfg.rollout_size // rollout.num_generations
+    save_steps = cfg.save_steps or max(1, cfg.max_steps // 5)
+    funcs, weights = ctx.reward_functions()
     roles = _setup_roles(ctx, cfg)
     stop_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id not in (None, stop_id) else int(stop_id == 0)
     policy = roles.policy
-    engine = make_engine(
-        rollout.backend, ctx.start_path(), tokenizer=tokenizer, model=policy,
-        dtype=str(policy.dtype).removeprefix("torch.") if ctx.model_cfg.quantization is None else "float32",
-        max_model_len=rollout.max_model_len, seed=cfg.seed,
-        **({"url": rollout.url} if rollout.url else {}),
-        **({"gpu_memory_utilization": rollout.gpu_memory_utilization} if rollout.backend != "hf" else {}),
-    )
+    engine = ctx.rollout_engine(policy, tokenizer, seed=cfg.seed)
     sampling = SamplingConfig(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                               top_p=1.0, top_k=0, n=rollout.num_generations)
     trainer = PPOTrainer(roles, engine, cfg, sampling, stop_id=stop_id, pad_id=pad_id)
@@ -750,22 +672,21 @@ def run(ctx: StageContext) -> StageResult:
         trainer.load(Path(resume))
         truncate_metrics(ctx.metrics_file, trainer.update)
 
-    progress, started, stats = _Progress(ctx.name, cfg.max_steps, trainer.update), time.time(), None
+    progress, started, stats = ctx.progress(cfg.max_steps, trainer.update), time.time(), None
     try:
         while trainer.update < cfg.max_steps:
-            rows = prompt_rows(dataset, trainer.update, cfg.batch_size, cfg.seed)
+            rows = prompt_rows(dataset, trainer.update, prompts_per_update, cfg.seed)
             stats = trainer.step(encode_prompts(tokenizer, [r["prompt"] for r in rows]),
                                  _reward_fn(funcs, weights, rows, rollout.num_generations))
             step = trainer.update
             if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-                with open(ctx.metrics_file, "a") as fh:
-                    fh.write(json.dumps({"step": step, "time": round(time.time(), 3), **stats.metrics}) + "\n")
+                ctx.log_metrics(step, stats.metrics)
             progress.update(step, stats.metrics)
             if step % cfg.sample_steps == 0 or step == 1:
                 cut = "" if stats.sample.finish_reason == "stop" else ", no EOS"
                 progress.print(f"  sample at update {step} (reward {stats.sample_score:.3f}{cut}): "
                                f"{_prompt_text(rows[0]['prompt'])!r} -> {stats.sample.text!r}")
-            if step % cfg.save_steps == 0 and step < cfg.max_steps:
+            if step % save_steps == 0 and step < cfg.max_steps:
                 _save_checkpoint(ctx, trainer, step, cfg.save_total_limit)
     finally:
         progress.stop()
@@ -779,13 +700,10 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def _save_checkpoint(ctx: StageContext, trainer: PPOTrainer, step: int, keep: int) -> None:
-    """checkpoint-<update>, keeping the newest `keep`. Test hook as ProgressCallback's:
-    ALIGNKIT_FAULT_KILL_AFTER_SAVE=N kills this process (SIGKILL) after saving update >= N."""
+    """checkpoint-<update>, keeping the newest `keep`; then `ctx.fault_hook`."""
     ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     trainer.save(ctx.checkpoint_dir / f"checkpoint-{step}")
     saved = sorted(ctx.checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     for old in saved[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    kill_at = os.environ.get("ALIGNKIT_FAULT_KILL_AFTER_SAVE")
-    if kill_at and step >= int(kill_at):
-        os.kill(os.getpid(), signal.SIGKILL)
+    ctx.fault_hook(step)

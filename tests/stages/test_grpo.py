@@ -28,7 +28,7 @@ def grpo_recipe(tmp_path, model_path, backend):
 
 
 def reward_curve(run_dir):
-    return [m["reward"] for m in metrics(run_dir, "grpo") if "reward" in m]
+    return [m["reward/mean"] for m in metrics(run_dir, "grpo") if "reward/mean" in m]
 
 
 @pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
@@ -41,6 +41,12 @@ def test_grpo_raises_reward(tmp_path, tiny_model_path, backend):
     run_dir = tmp_path / "runs" / "t"
     curve = reward_curve(run_dir)
     assert len(curve) == 12
+    # TRL's keys arrive renamed to the vocabulary's (alignment/metrics.py), as ppo logs them
+    row = metrics(run_dir, "grpo")[0]
+    sevens = "tests.stages.test_grpo.sevens"  # TRL names a reward by its __name__: the recipe's name
+    for ours, trl in [("reward/std", "reward_std"), (f"reward/{sevens}/mean", f"rewards/{sevens}/mean"),
+                      ("response/length_mean", "completions/mean_length"), ("timing/step", "step_time")]:
+        assert ours in row and trl not in row, (ours, sorted(row))
     assert sum(curve[-3:]) / 3 > 2 * sum(curve[:3]) / 3 + 0.02, curve
     man = json.loads((run_dir / "grpo" / "manifest.json").read_text())
     assert man["info"]["rollout_backend"] == backend

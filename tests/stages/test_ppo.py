@@ -13,6 +13,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+from alignment.metrics import describe
+from alignment.recipe import RecipeError, load_recipe
 from alignment.rollout import HFEngine, SamplingConfig
 from alignment.stages import ppo
 from alignment.stages.ppo import PPOConfig, PPOTrainer, Roles, disable_dropout, new_value_head
@@ -63,8 +65,8 @@ def share_of_sevens(completions):
     return scores, {"sevens": scores}
 
 
-TOY = dict(learning_rate=3e-4, lr_scheduler_type="constant", max_steps=20, batch_size=32, num_ppo_epochs=4,
-           num_minibatches=2, kl_coef=0.01, missing_eos_penalty=None, gamma=1.0, gae_lambda=0.95,
+TOY = dict(learning_rate=3e-4, lr_scheduler_type="constant", max_steps=20, per_device_train_batch_size=16,
+           num_ppo_epochs=4, num_mini_batches=2, kl_coef=0.01, missing_eos_penalty=None, gamma=1.0, gae_lambda=0.95,
            clip_eps_value=0.2, vf_coef=0.1)
 
 
@@ -207,11 +209,46 @@ def test_resumed_loop_repeats_the_uninterrupted_one(tmp_path):
             assert have[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
 
 
-def test_config_refuses_bad_values():
-    with pytest.raises(ppo.PPOConfigError) as err:
-        PPOConfig(critic="both", learning_rate=-1, gamma=2)
-    assert {key for key, _ in err.value.problems} == {"critic", "learning_rate", "gamma"}
-    assert PPOConfig(learning_rate="1e-5").learning_rate == 1e-5  # YAML 1.1 reads 1e-5 as a string
+def test_every_logged_key_is_declared_in_the_vocabulary():
+    trainer = toy_trainer(seed=0, max_steps=1, dual_clip=3.0)
+    logged = trainer.step(toy_prompts(0), share_of_sevens).metrics
+    assert "reward/sevens/mean" in logged and "grad_norm" in logged
+    assert [k for k in logged if describe(k) is None] == []
+
+
+def test_config_sizes_and_updates_follow_trl_names():
+    """TRL's on-policy names: per_device_train_batch_size sequences x gradient_accumulation_steps x
+    num_mini_batches = one rollout; without max_steps, num_train_epochs passes over the prompts."""
+    cfg = PPOConfig(per_device_train_batch_size=4, gradient_accumulation_steps=3, num_mini_batches=2,
+                    num_train_epochs=2, learning_rate="1e-5")  # YAML 1.1 reads 1e-5 as a string
+    assert cfg.learning_rate == 1e-5 and cfg.rollout_size == 24
+    assert cfg.num_updates(num_prompts=30, num_generations=2) == 5  # 2 x 30 prompts / 12 per rollout
+    assert PPOConfig(max_steps=7).num_updates(num_prompts=30, num_generations=2) == 7
+    with pytest.raises(ValueError, match="the rollout holds 32 sequences; .* = 24"):
+        toy_trainer(per_device_train_batch_size=4, gradient_accumulation_steps=3).step(toy_prompts(0), share_of_sevens)
+
+
+def test_bad_args_are_recipe_errors_with_file_and_line(tmp_path, tiny_model_path):
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "say 1:"}])
+    stages = {"ppo": {"method": "ppo", "data": ["prompts"], "rewards": [{"name": "tests.stages.test_ppo.sevens"}],
+                      "rollout": {"num_generations": 3},
+                      "args": {"per_device_train_batch_size": 8, "gamma": 2, "critic": "both",
+                               "kl_estimator": "k4", "num_minibatches": 2}}}
+    recipe = write_recipe(tmp_path, tiny_model_path, stages, data={"prompts": {"path": "prompts.jsonl"}})
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe)
+    problems = {".".join(map(str, p.path)): (p.message, p.line) for p in err.value.problems}
+    lines = recipe.read_text().splitlines()
+    for key, expected in [("gamma", "less than or equal to 1"), ("critic", "'value_head' or 'separate'"),
+                          ("kl_estimator", "did you mean 'k3'"), ("num_minibatches", "did you mean 'num_mini_batches'")]:
+        message, line = problems[f"stages.ppo.args.{key}"]
+        assert expected in message and f"{key}:" in lines[line - 1], (key, message, line)
+    # a valid per_device_train_batch_size alone: 8 x 1 x 2 = 16 sequences do not split into groups of 3
+    stages["ppo"]["args"] = {"per_device_train_batch_size": 8}
+    recipe = write_recipe(tmp_path, tiny_model_path, stages, data={"prompts": {"path": "prompts.jsonl"}})
+    with pytest.raises(RecipeError, match=r"args.per_device_train_batch_size: a rollout of .* = 16 sequences must "
+                                          r"be divisible by rollout.num_generations \(3\)"):
+        load_recipe(recipe)
 
 
 # ------------------------------------------------------------------ through the CLI
@@ -240,7 +277,7 @@ def rlhf_recipe(tmp_path, model_path):
         "ppo": {"method": "ppo", "from": "sft", "data": ["prompts"],
                 "rewards": [{"name": "reward_model", "stage": "rm"}],
                 "rollout": {"backend": "hf", "num_generations": 2, "max_new_tokens": 8},
-                "args": {"learning_rate": 1e-3, "max_steps": 4, "batch_size": 4, "save_steps": 2,
+                "args": {"learning_rate": 1e-3, "max_steps": 4, "per_device_train_batch_size": 4, "save_steps": 2,
                          "sample_steps": 2}},
     }
     return write_recipe(tmp_path, model_path, stages, data=data, model=LORA)
@@ -288,7 +325,7 @@ def test_ppo_with_vllm_rollouts_syncs_weights(tmp_path, tiny_model_path):
         "method": "ppo", "data": ["prompts"], "rewards": [{"name": "tests.stages.test_ppo.sevens"}],
         "rollout": {"backend": "vllm", "num_generations": 2, "max_new_tokens": 8},
         # a high LR moves the policy far each update: without a sync the gap would be large
-        "args": {"learning_rate": 1e-2, "max_steps": 3, "batch_size": 4, "save_steps": 100},
+        "args": {"learning_rate": 1e-2, "max_steps": 3, "per_device_train_batch_size": 4, "save_steps": 100},
     }}
     recipe = write_recipe(tmp_path, tiny_model_path, stages, data={"prompts": {"path": "prompts.jsonl"}},
                           model={"adapter": {**LORA["adapter"], "dropout": 0.0}})
@@ -310,7 +347,7 @@ def ppo_only(tmp_path, model_path, args: dict, model: dict | None = None):
     stages = {"ppo": {
         "method": "ppo", "data": ["prompts"], "rewards": [{"name": "tests.stages.test_ppo.sevens"}],
         "rollout": {"backend": "hf", "num_generations": 2, "max_new_tokens": 8},
-        "args": {"learning_rate": 1e-3, "max_steps": 2, "batch_size": 4, "save_steps": 1, **args},
+        "args": {"learning_rate": 1e-3, "max_steps": 2, "per_device_train_batch_size": 4, "save_steps": 1, **args},
     }}
     recipe = write_recipe(tmp_path, model_path, stages, data={"prompts": {"path": "prompts.jsonl"}},
                           **({"model": model} if model else {}))
@@ -323,14 +360,18 @@ def ppo_only(tmp_path, model_path, args: dict, model: dict | None = None):
 
 
 def test_full_fine_tuning_with_a_separate_critic(tmp_path, tiny_model_path):
-    """No adapter (the reference is a frozen copy), critic: separate (from the policy, zero head)."""
-    run_dir = ppo_only(tmp_path, tiny_model_path, {"critic": "separate", "critic_learning_rate": 1e-3})
+    """No adapter (the reference is a frozen copy), critic: separate (from the policy, zero head); TRL's
+    per_device_train_batch_size: 8 sequences x 2 minibatches = 8 prompts x 2 completions per update."""
+    run_dir = ppo_only(tmp_path, tiny_model_path, {"critic": "separate", "critic_learning_rate": 1e-3,
+                                                   "per_device_train_batch_size": 8})
     assert (run_dir / "ppo" / "checkpoints" / "checkpoint-1" / "critic" / "model.safetensors").exists()
     assert (run_dir / "ppo" / "model" / "model.safetensors").exists()
     assert json.loads((run_dir / "ppo" / "model" / "alignkit_model.json").read_text())["kind"] == "full"
 
 
 def test_qlora(tmp_path, tiny_model_path):
-    """4-bit base + LoRA: the reference is the quantized base with the adapter disabled."""
-    run_dir = ppo_only(tmp_path, tiny_model_path, {}, model={**LORA, "quantization": {"bits": 4}})
+    """4-bit base + LoRA: the reference is the quantized base with the adapter disabled; minibatches of
+    2 micro-batches x 2 sequences."""
+    run_dir = ppo_only(tmp_path, tiny_model_path, {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
+                       model={**LORA, "quantization": {"bits": 4}})
     assert (run_dir / "ppo" / "model" / "adapter_model.safetensors").exists()

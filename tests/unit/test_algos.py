@@ -3,6 +3,7 @@ plus invariances: masked values never leak, loop = closed form, micro-batches su
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import pytest
 import torch
@@ -13,11 +14,9 @@ from alignment.algos import (
     AdaptiveKLController,
     FixedKLController,
     KL_ESTIMATORS,
-    POLICY_LOSSES,
     RolloutBatch,
     aggregate_loss,
     compute_gae,
-    compute_grpo_advantages,
     compute_kl,
     compute_token_rewards,
     compute_value_loss,
@@ -27,6 +26,7 @@ from alignment.algos import (
     masked_mean,
     masked_var,
     masked_whiten,
+    ppo_clip_loss,
     truncate_after_stop,
 )
 
@@ -166,8 +166,6 @@ def test_kl_mask_and_clamp_keep_values_finite():
 
 def test_registry_lookup_error_lists_names_and_suggests():
     assert KL_ESTIMATORS.names() == ["k1", "k2", "k3"]
-    with pytest.raises(KeyError, match=r"did you mean 'ppo_clip'\?.*known: ppo_clip"):
-        POLICY_LOSSES.get("ppo_clp")
     with pytest.raises(KeyError, match="known: k1, k2, k3"):
         compute_kl(torch.zeros(1), torch.zeros(1), "low_var_kl")
     with pytest.raises(ValueError, match="did you mean 'token-mean'"):
@@ -198,7 +196,7 @@ def test_ppo_clip_hand_values_and_gradient():
     ratio, adv = T([0.5, 0.5, 1.0, 1.3, 1.5]), T([1.0, -1.0, 1.0, -1.0, 1.0])
     logprobs = ratio.log().unsqueeze(0).requires_grad_(True)
     mask = torch.ones(1, 5, dtype=torch.bool)
-    loss, metrics = POLICY_LOSSES.get("ppo_clip")(
+    loss, metrics = ppo_clip_loss(
         logprobs, torch.zeros(1, 5), adv.unsqueeze(0), mask, clip_eps_low=0.2, clip_eps_high=0.2
     )
     # -min(r*A, clip(r, 0.8, 1.2)*A): r=0.5,A=+1 keeps -0.5; r=0.5,A=-1 clips to 0.8; r=1 gives -1;
@@ -215,7 +213,7 @@ def test_ppo_clip_hand_values_and_gradient():
 
 
 def test_ppo_clip_asymmetric_and_dual_clip():
-    fn = POLICY_LOSSES.get("ppo_clip")
+    fn = ppo_clip_loss
     lp, mask = T([[math.log(1.25), math.log(5.0)]]), torch.ones(1, 2, dtype=torch.bool)
     # Clip-Higher: 1.25 < 1 + 0.28 stays unclipped for A = +1
     loss, _ = fn(lp, torch.zeros(1, 2), T([[1.0, 1.0]]), mask, clip_eps_low=0.2, clip_eps_high=0.28)
@@ -232,7 +230,7 @@ def test_ppo_clip_asymmetric_and_dual_clip():
 def test_ppo_clip_first_minibatch_is_on_policy():
     torch.manual_seed(0)
     lp = torch.randn(3, 4)
-    loss, metrics = POLICY_LOSSES.get("ppo_clip")(
+    loss, metrics = ppo_clip_loss(
         lp, lp.clone(), torch.randn(3, 1), torch.ones(3, 4), clip_eps_low=0.2, clip_eps_high=0.2
     )
     assert metrics["policy/approxkl"] == 0 and metrics["policy/clipfrac"] == 0
@@ -250,7 +248,7 @@ def test_aggregate_modes():
     assert_close(aggregate_loss(loss, mask, "seq-mean-token-sum"), T(5.0))  # (6 + 4) / 2
 
 
-@pytest.mark.parametrize("mode", algos.AGG_MODES)
+@pytest.mark.parametrize("mode", get_args(algos.AggMode))
 def test_data_parallel_shards_with_global_normalizer_equal_whole_batch(mode):
     torch.manual_seed(0)
     loss = torch.randn(6, 5)
@@ -269,7 +267,7 @@ def test_grad_accumulation_1x8_equals_8x1():
     torch.manual_seed(0)
     old, adv = torch.randn(8, 4), torch.randn(8, 4)
     mask = torch.arange(4) < torch.randint(1, 5, (8, 1))
-    fn = POLICY_LOSSES.get("ppo_clip")
+    fn = ppo_clip_loss
     lp_whole = (old + 0.3 * torch.randn(8, 4)).requires_grad_(True)
     lp_micro = lp_whole.detach().clone().requires_grad_(True)
     loss, _ = fn(lp_whole, old, adv, mask, clip_eps_low=0.2, clip_eps_high=0.2)
@@ -366,30 +364,6 @@ def test_truncate_ignores_prompt_stop_and_accepts_several_ids():
     assert mask.tolist() == [[True, True, False]] and has_stop.all()
     with pytest.raises(ValueError, match="must differ"):
         truncate_after_stop(T([[5, 7]]), EOS, EOS)
-
-
-# --------------------------------------------------------------------------- GRPO advantages
-
-
-def test_grpo_advantages():
-    scores = T([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
-    # group 1: mean 0.25, unbiased std sqrt((0.5625 + 3 * 0.0625) / 3) = 0.5, eps 1e-4;
-    # group 2 is constant -> 0
-    adv = compute_grpo_advantages(scores, num_generations=4)
-    assert_close(adv, T([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]) / 0.5001, **ATOL)
-    centred = T([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
-    assert_close(compute_grpo_advantages(scores, 4, scale="none"), centred)
-    batch = compute_grpo_advantages(scores, 4, scale="batch")
-    assert_close(batch, compute_grpo_advantages(scores, 4, scale="none") / (scores.std() + 1e-4))
-
-
-def test_grpo_advantages_errors():
-    with pytest.raises(ValueError, match="divisible by num_generations"):
-        compute_grpo_advantages(torch.zeros(6), num_generations=4)
-    with pytest.raises(ValueError, match=">= 2"):
-        compute_grpo_advantages(torch.zeros(6), num_generations=1)
-    with pytest.raises(ValueError, match="did you mean 'group'"):
-        compute_grpo_advantages(torch.zeros(4), 2, scale="groups")
 
 
 # --------------------------------------------------------------------------- RolloutBatch
