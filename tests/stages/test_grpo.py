@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from alignment.cli import _headline
 from tests.helpers import metrics, run_cli, write_jsonl, write_recipe
 
 
@@ -53,4 +54,5 @@ def test_grpo_raises_reward(tmp_path, tiny_model_path, backend):
     # the quarters the summary prints come from the same log
     assert man["metrics"]["reward/first_quarter"] == pytest.approx(sum(curve[:3]) / 3)
     assert man["metrics"]["reward/last_quarter"] == pytest.approx(sum(curve[-3:]) / 3)
-    assert "reward " in res.output and " → " in res.output
+    first, last = man["metrics"]["reward/first_quarter"], man["metrics"]["reward/last_quarter"]
+    assert _headline(man["metrics"]) == f"reward {first:.3g} → {last:.3g}" and "summary" in res.output
