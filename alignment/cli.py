@@ -26,6 +26,9 @@ def _load(path: Path, *, check_data: bool = False):
     from alignment.data import DataError
     from alignment.recipe import RecipeError, load_recipe
 
+    from rewards import add_recipe_folder
+
+    add_recipe_folder(path.parent)  # user rewards beside the recipe import, here and in stage processes
     try:
         recipe = load_recipe(path)
         if check_data:
@@ -37,14 +40,27 @@ def _load(path: Path, *, check_data: bool = False):
 
 
 def check_data_of(recipe) -> None:
-    """Load every dataset a stage uses and check all rows against the stage's formats."""
-    from alignment.data import check, load
+    """Load every dataset a stage uses, check all rows against the stage's formats (`on_bad_rows`)
+    and print what would be dropped, retyped or split (`alignment.data.DataReport`)."""
+    from alignment.data import DataError, DataReport, check, load
     from alignment.stages import STAGES
+    from rewards import build_reward
 
+    report, seen = DataReport(), set()
     for name, st in recipe.stages.items():
         fn = STAGES.get(st.method)
         for ref in st.data:
-            check(load(ref.name, recipe.data[ref.name]), fn.formats)
+            into = DataReport() if ref.name in seen else report  # a dataset two stages use is reported once
+            seen.add(ref.name)
+            loaded = load(ref.name, recipe.data[ref.name], on_bad_rows=recipe.on_bad_rows, report=into)
+            check(loaded, fn.formats, on_bad_rows=recipe.on_bad_rows, report=into)
+            for r in st.rewards:  # TRL-style column parameters, `fn(prompts, completions, answer, **kw)`
+                absent = [c for c in build_reward(r.model_dump()).columns if c not in loaded.rows[0]]
+                if absent:
+                    raise DataError(f"{loaded.where(0)}: reward '{r.name}' of stage '{name}' reads column(s) {absent}, "
+                                    f"which dataset '{ref.name}' does not have (columns: {sorted(loaded.rows[0])})")
+    for line in report.lines():
+        console.print(f"data: {line}", style="yellow", markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -1,14 +1,21 @@
 """Datasets: local jsonl / json / parquet / csv files or hub datasets, format checks, mixtures.
 
-Every row is checked against the format a stage needs; a bad row is one `DataError` naming the
-file, the line (jsonl, csv) or row number, and what was expected.
+Every row is checked against the format a stage needs. A malformed row (a missing, null or empty
+text, an unknown role, a conversation that does not end with the assistant, ...) is one line of a
+`DataError` naming the file, the line (jsonl, csv) or row number and what was expected -- or, under
+the recipe's `on_bad_rows: drop | warn`, left out. Nothing changes without a word: every row that is
+dropped, retyped (a number in a text column), split (an implicit prompt) or truncated (`max_length`)
+is counted per dataset in a `DataReport`, with its first few file:line.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import math
+import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,10 +30,65 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "prompt": ("prompt",),
 }
+# Columns a format defines as text (or a conversation): a CSV cell `7` there is the text "7".
+TEXT_COLUMNS = ("prompt", "completion", "text", "chosen", "rejected")
+# Message roles of HF chat templates; anything else (`robot`, `bot`, `human`) is a typo or another schema.
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class DataError(ValueError):
     """A dataset that cannot be used: names the file and the row."""
+
+
+# ---------------------------------------------------------------- the report
+
+# kind -> what happened to a row of that kind (the kinds of DataReport)
+CHANGES: dict[str, str] = {
+    "dropped": "malformed, left out (on_bad_rows)",
+    "retyped": "a number in a text column, read as text",
+    "split": "no `prompt` column: the prompt is the shared start of chosen/rejected, cut at a word boundary",
+    "truncated": "completion cut away completely by max_length (nothing left to learn from)",
+    "truncated_partly": "cut by max_length (part of the completion or text lost)",
+}
+EXAMPLES = 3  # file:line examples kept per dataset and kind
+
+
+@dataclass
+class DataReport:
+    """Rows changed on the way to a trainer, per dataset: counts per kind (`CHANGES`) and the first
+    `EXAMPLES` 'file:line: why' of each. `lines()` is what validate and the stages print,
+    `to_dict()` the JSON for a stage's manifest: {dataset: {kind: {"rows": n, "examples": [...]}}}."""
+
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    examples: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+    def add(self, dataset: str, kind: str, where: str, why: str = "") -> None:
+        counts = self.counts.setdefault(dataset, {})
+        counts[kind] = counts.get(kind, 0) + 1
+        shown = self.examples.setdefault(dataset, {}).setdefault(kind, [])
+        if len(shown) < EXAMPLES:
+            shown.append(f"{where}: {why}" if why else where)
+
+    def rows(self, kind: str) -> int:
+        """Rows of `kind` over all datasets."""
+        return sum(c.get(kind, 0) for c in self.counts.values())
+
+    def lines(self) -> list[str]:
+        out = []
+        for dataset, counts in self.counts.items():
+            for kind, n in counts.items():
+                shown = "; ".join(self.examples[dataset][kind])
+                out.append(f"dataset '{dataset}': {n} row(s) {kind} -- {CHANGES[kind]}; e.g. {shown}")
+        return out
+
+    def to_dict(self) -> dict:
+        return {d: {k: {"rows": n, "examples": self.examples[d][k]} for k, n in c.items()} for d, c in self.counts.items()}
+
+
+def bad_row_policy(on_bad_rows: Optional[str], kind: str) -> str:
+    """error | drop | warn for rows of `kind` ('malformed' or 'truncated'): the recipe's
+    `on_bad_rows`, else error for malformed rows and warn for truncated ones."""
+    return on_bad_rows or ("warn" if kind == "truncated" else "error")
 
 
 @dataclass
@@ -39,37 +101,85 @@ class Loaded:
     where: Callable[[int], str]
 
 
-def _is_messages(value) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) > 0
-        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
-    )
+# ---------------------------------------------------------------- row checks: None = fine, else what is wrong
 
 
-def _text_or_messages(value) -> bool:
-    return isinstance(value, str) or _is_messages(value)
+def _text_problem(value) -> Optional[str]:
+    if value is None:
+        return "is null (an empty cell?)"
+    if not isinstance(value, str):
+        return f"should be text, got {_short(value)}"
+    return None if value.strip() else f"is empty ({_short(value)})"
 
 
-# format -> column -> (check, what was expected)
-ROW_CHECKS: dict[str, dict[str, tuple[Callable, str]]] = {
-    "messages": {"messages": (_is_messages, "a non-empty list of {role, content} messages")},
-    "preference": {
-        "chosen": (_text_or_messages, "a string or a list of {role, content} messages"),
-        "rejected": (_text_or_messages, "a string or a list of {role, content} messages"),
-    },
-    "unpaired": {
-        "prompt": (_text_or_messages, "a string or a list of {role, content} messages"),
-        "completion": (_text_or_messages, "a string or a list of {role, content} messages"),
-        "label": (lambda v: isinstance(v, bool), "true or false"),
-    },
-    "prompt_completion": {
-        "prompt": (_text_or_messages, "a string or a list of {role, content} messages"),
-        "completion": (_text_or_messages, "a string or a list of {role, content} messages"),
-    },
-    "text": {"text": (lambda v: isinstance(v, str) and v != "", "a non-empty string")},
-    "prompt": {"prompt": (_text_or_messages, "a string or a list of {role, content} messages")},
+def _messages_problem(value, last_role: Optional[str] = None) -> Optional[str]:
+    if not isinstance(value, list) or not value:
+        return f"should be a non-empty list of {{role, content}} messages, got {_short(value)}"
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            return f"message {i} should be a {{role, content}} object, got {_short(m)}"
+        if m.get("role") not in ROLES:
+            return f"message {i} has role {_short(m.get('role'))}; roles are {', '.join(ROLES)}"
+        if not isinstance(m.get("content"), str):
+            return f"message {i} ({m['role']}) should have text content, got {_short(m.get('content'))}"
+    if last_role and value[-1]["role"] != last_role:
+        return f"should end with an {last_role} message to learn from, ends with {value[-1]['role']}"
+    if not value[-1]["content"].strip():
+        return f"ends with an empty {value[-1]['role']} message"
+    return None
+
+
+def _content_problem(value, last_role: Optional[str] = None) -> Optional[str]:
+    """Text, or a conversation (ending with `last_role` when given)."""
+    if isinstance(value, list):
+        return _messages_problem(value, last_role)
+    problem = _text_problem(value)
+    if problem and problem.startswith("should be text"):
+        return f"should be text or a list of {{role, content}} messages, got {_short(value)}"
+    return problem
+
+
+def _answer_problem(value) -> Optional[str]:
+    return _content_problem(value, last_role="assistant")
+
+
+def _label_problem(value) -> Optional[str]:
+    return None if isinstance(value, bool) else f"should be true or false, got {_short(value)}"
+
+
+# format -> column -> check (None = fine, else the problem)
+ROW_CHECKS: dict[str, dict[str, Callable]] = {
+    "messages": {"messages": lambda v: _messages_problem(v, last_role="assistant")},
+    "preference": {"chosen": _answer_problem, "rejected": _answer_problem},
+    "unpaired": {"prompt": _content_problem, "completion": _answer_problem, "label": _label_problem},
+    "prompt_completion": {"prompt": _content_problem, "completion": _answer_problem},
+    "text": {"text": _text_problem},
+    "prompt": {"prompt": _content_problem},
 }
+# columns of a format that must all be text or all conversations (TRL tokenizes them together)
+SAME_KIND = {"preference": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "completion"),
+             "prompt_completion": ("prompt", "completion")}
+
+
+def row_problem(fmt: str, row: dict) -> Optional[str]:
+    """What is wrong with `row` as a `fmt` row ('column ...: ...'), or None."""
+    for col, problem_of in ROW_CHECKS[fmt].items():
+        if col not in row:
+            return f"column '{col}' is missing (format {fmt})"
+        problem = problem_of(row[col])
+        if problem:
+            return f"column '{col}' {problem}"
+    if fmt == "preference" and row.get("prompt") is not None:
+        problem = _content_problem(row["prompt"])
+        if problem:
+            return f"column 'prompt' {problem}"
+    kinds = {c: isinstance(row[c], list) for c in SAME_KIND.get(fmt, ()) if row.get(c) is not None}
+    if len(set(kinds.values())) > 1:
+        return (f"columns {sorted(kinds)} mix text and conversations "
+                f"({', '.join(c for c, conv in kinds.items() if conv)} conversational); use one kind for all")
+    if fmt == "preference" and row["chosen"] == row["rejected"]:
+        return "chosen and rejected are the same"
+    return None
 
 
 def detect_format(columns) -> Optional[str]:
@@ -120,20 +230,23 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
     return rows, lines
 
 
-def load(name: str, cfg: DatasetConfig) -> Loaded:
-    """Read a dataset's rows (renamed, truncated); errors name the file and line."""
+def load(name: str, cfg: DatasetConfig, *, on_bad_rows: Optional[str] = None,
+         report: Optional[DataReport] = None) -> Loaded:
+    """Read a dataset's rows (renamed, first `max_rows`; numbers in text columns become text,
+    counted as `retyped` in `report`); errors name the file and line. `unpaired: true` checks
+    the pairs (`check`, with `on_bad_rows`) and turns them into unpaired rows."""
     path = Path(cfg.path)
+    if path.suffix in (".jsonl", ".json", ".parquet", ".csv") and not path.exists():
+        raise DataError(f"dataset '{name}': file not found: {path}")
     if path.suffix == ".jsonl" or (path.suffix == ".json" and _looks_like_jsonl(path)):
-        if not path.exists():
-            raise DataError(f"dataset '{name}': file not found: {path}")
         rows, lines = _read_jsonl(path)
         where = lambda i: f"{path}:{lines[i]}"  # noqa: E731
-    elif path.suffix in (".json", ".parquet", ".csv"):
-        if not path.exists():
-            raise DataError(f"dataset '{name}': file not found: {path}")
+    elif path.suffix == ".csv":
+        rows, lines = _read_csv(path, text=[c for c in _csv_header(path) if cfg.columns.get(c, c) in TEXT_COLUMNS])
+        where = lambda i: f"{path}:{lines[i]}"  # noqa: E731
+    elif path.suffix in (".json", ".parquet"):
         rows = _read_table(path)
-        offset = 2 if path.suffix == ".csv" else 1  # csv: header is line 1
-        where = (lambda i: f"{path}:{i + offset}") if path.suffix == ".csv" else (lambda i: f"{path}: row {i + 1}")
+        where = lambda i: f"{path}: row {i + 1}"  # noqa: E731
     else:
         rows = _read_hub(cfg)
         where = lambda i: f"{cfg.path}[{cfg.split}]: row {i + 1}"  # noqa: E731
@@ -143,9 +256,16 @@ def load(name: str, cfg: DatasetConfig) -> Loaded:
         rows = rows[: cfg.max_rows]
     if not rows:
         raise DataError(f"dataset '{name}' ({cfg.path}) has no rows")
+    report = DataReport() if report is None else report
+    for i, row in enumerate(rows):
+        for col in TEXT_COLUMNS:
+            value = row.get(col)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                row[col] = str(value)
+                report.add(name, "retyped", where(i), f"{col} {value!r} -> {row[col]!r}")
     loaded = Loaded(name, rows, str(cfg.path), where)
     if cfg.unpaired:
-        loaded = to_unpaired(loaded)
+        loaded = to_unpaired(loaded, on_bad_rows=on_bad_rows, report=report)
     return loaded
 
 
@@ -157,15 +277,46 @@ def _looks_like_jsonl(path: Path) -> bool:
     return head == "{"
 
 
-def _read_table(path: Path) -> list[dict]:
-    import datasets
+def _csv_header(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return next(csv.reader(fh), [])
 
-    kind = {".json": "json", ".parquet": "parquet", ".csv": "csv"}[path.suffix]
+
+def _read_csv(path: Path, text: list[str]) -> tuple[list[dict], list[int]]:
+    """Rows and the line each starts on (a quoted cell may span lines). The `text` columns are read
+    as strings, an empty cell as "" (pandas would guess `7` is a number and `NA` is null); the
+    other columns are typed by pandas (e.g. a KTO `label` of true/false)."""
+    import pandas as pd
+
     try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except Exception as e:  # datasets raises many types for malformed files
-        raise DataError(f"{path}: cannot read as {kind}: {e}") from None
-    return ds.to_list()
+        df = pd.read_csv(path, dtype={c: str for c in text}, keep_default_na=False,
+                         na_values={c: [""] for c in _csv_header(path) if c not in text}, encoding="utf-8")
+    except Exception as e:  # pandas raises many types for malformed files
+        raise DataError(f"{path}: cannot read as csv: {e}") from None
+    rows = df.astype(object).where(df.notna(), None).to_dict("records")
+    starts, end = [], 0
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        for record in reader:
+            if record:  # pandas skips blank lines too
+                starts.append(end + 1)
+            end = reader.line_num
+    return rows, starts[1:]  # line 1 is the header
+
+
+def _read_table(path: Path) -> list[dict]:
+    """A .parquet file, or a .json file holding one array of objects."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except Exception as e:  # pyarrow / json raise many types for malformed files
+        raise DataError(f"{path}: cannot read as {path.suffix[1:]}: {e}") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{path}: expected a JSON array of objects (or one JSON object per line)")
+    return rows
 
 
 def _read_hub(cfg: DatasetConfig) -> list[dict]:
@@ -178,40 +329,65 @@ def _read_hub(cfg: DatasetConfig) -> list[dict]:
     return ds.to_list()
 
 
-def to_unpaired(loaded: Loaded) -> Loaded:
+def to_unpaired(loaded: Loaded, *, on_bad_rows: Optional[str] = None, report: Optional[DataReport] = None) -> Loaded:
     """chosen/rejected pairs -> (prompt, completion, label) rows, two per pair (for KTO)."""
-    check(loaded, ("preference",))
+    check(loaded, ("preference",), on_bad_rows=on_bad_rows, report=report)
     out, origin = [], []
     for i, row in enumerate(loaded.rows):
-        prompt, chosen, rejected = split_prompt(row)
         extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
-        out.append({**extra, "prompt": prompt, "completion": chosen, "label": True})
-        out.append({**extra, "prompt": prompt, "completion": rejected, "label": False})
+        out.append({**extra, "prompt": row["prompt"], "completion": row["chosen"], "label": True})
+        out.append({**extra, "prompt": row["prompt"], "completion": row["rejected"], "label": False})
         origin += [i, i]
     return Loaded(loaded.name, out, loaded.source, lambda j: loaded.where(origin[j]))
 
 
 def split_prompt(row: dict):
-    """(prompt, chosen, rejected) with an explicit prompt, or the shared prefix when implicit."""
+    """(prompt, chosen, rejected) with an explicit prompt, or the shared start when implicit.
+
+    Implicit text pairs split at a word boundary where they diverge (`"A: 12"` / `"A: 13"` ->
+    `"A: "`, `"12"`, `"13"`), never inside a word or number, with both completions non-empty;
+    conversations split after their shared turns.
+
+    Raises:
+        DataError: (no file:line; `check` adds it) the two are the same, or share no prompt.
+    """
     chosen, rejected = row["chosen"], row["rejected"]
-    if "prompt" in row and row["prompt"] is not None:
+    if row.get("prompt") is not None:
         return row["prompt"], chosen, rejected
+    if chosen == rejected:
+        raise DataError("chosen and rejected are the same")
     if isinstance(chosen, list) and isinstance(rejected, list):
         n = 0
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
             n += 1
-        return chosen[:n], chosen[n:], rejected[n:]
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
+    else:
+        n = len(os.path.commonprefix([chosen, rejected]))
+        while n > 0 and (n in (len(chosen), len(rejected)) or _inside_word(chosen, n) or _inside_word(rejected, n)):
+            n -= 1
+    if n == 0:
+        raise DataError("chosen and rejected share no prompt (no common start up to a word or turn boundary); "
+                        "add an explicit `prompt` column")
     return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _inside_word(text: str, i: int) -> bool:
+    """Position i falls between two letters/digits of one word or number."""
+    return 0 < i < len(text) and text[i - 1].isalnum() and text[i].isalnum()
 
 
 # ---------------------------------------------------------------- checks and mixtures
 
 
-def check(loaded: Loaded, accept: tuple[str, ...]) -> str:
-    """The dataset's format (one of `accept`); every row checked. Raises DataError."""
+def check(loaded: Loaded, accept: tuple[str, ...], *, on_bad_rows: Optional[str] = None,
+          report: Optional[DataReport] = None) -> str:
+    """The dataset's format (one of `accept`), every row checked (`row_problem`); implicit-prompt
+    pairs get their prompt (`split_prompt`, counted as `split`). Malformed rows raise one DataError
+    listing them (the first few with file:line), or, under `on_bad_rows: drop | warn`, are left out
+    of `loaded` and counted as `dropped` in `report`.
+
+    Raises:
+        DataError: wrong columns; malformed rows (on_bad_rows error); no row left.
+    """
     fmt = detect_format(loaded.rows[0].keys())
     if fmt not in accept:
         wanted = " or ".join("/".join(FORMATS[f]) for f in accept)
@@ -219,13 +395,33 @@ def check(loaded: Loaded, accept: tuple[str, ...]) -> str:
             f"{loaded.where(0)}: dataset '{loaded.name}' has columns {sorted(loaded.rows[0])}; expected {wanted} "
             f"(rename columns with `columns: {{old: new}}` under data.{loaded.name})"
         )
-    checks = ROW_CHECKS[fmt]
+    report = DataReport() if report is None else report
+    kept, bad = [], []
     for i, row in enumerate(loaded.rows):
-        for col, (ok, expected) in checks.items():
-            if col not in row:
-                raise DataError(f"{loaded.where(i)}: column '{col}' is missing (dataset '{loaded.name}', format {fmt})")
-            if not ok(row[col]):
-                raise DataError(f"{loaded.where(i)}: column '{col}' should be {expected}, got {_short(row[col])}")
+        problem = row_problem(fmt, row)
+        if problem is None and fmt == "preference" and row.get("prompt") is None:
+            try:
+                loaded.rows[i] = {**row, **dict(zip(("prompt", "chosen", "rejected"), split_prompt(row)))}
+                report.add(loaded.name, "split", loaded.where(i), f"prompt ends {_short(loaded.rows[i]['prompt'][-20:])}")
+            except DataError as e:
+                problem = f"implicit prompt: {e}"
+        if problem is None:
+            kept.append(i)
+        else:
+            bad.append(f"{loaded.where(i)}: {problem}")
+    if bad and bad_row_policy(on_bad_rows, "malformed") == "error":
+        more = f"\n  ... {len(bad) - EXAMPLES} more" if len(bad) > EXAMPLES else ""
+        raise DataError("\n  ".join(bad[:EXAMPLES]) + more + f"\n  {len(bad)} malformed row(s) of {len(loaded.rows)} in "
+                        f"dataset '{loaded.name}' (format {fmt}); fix them, or set `on_bad_rows: drop` to leave them out")
+    for line in bad:
+        where, _, why = line.partition(": ")
+        report.add(loaded.name, "dropped", where, why)
+    if not kept:
+        raise DataError(f"dataset '{loaded.name}': no usable rows ({len(bad)} malformed); first: {bad[0]}")
+    if bad:
+        where = loaded.where
+        loaded.rows = [loaded.rows[i] for i in kept]
+        loaded.where = lambda j: where(kept[j])
     return fmt
 
 
@@ -254,25 +450,106 @@ def mixture(parts: list[tuple[list[dict], float]], seed: int) -> list[dict]:
     return out
 
 
-def build(datasets_cfg: dict[str, DatasetConfig], refs: list[DataRef], accept: tuple[str, ...], *, seed: int = 0):
-    """A `datasets.Dataset` for a stage: load, check and mix its data refs.
+def build(datasets_cfg: dict[str, DatasetConfig], refs: list[DataRef], accept: tuple[str, ...], *, seed: int = 0,
+          on_bad_rows: Optional[str] = None, report: Optional[DataReport] = None):
+    """A `datasets.Dataset` for a stage: load, check and mix its data refs; prints what changed
+    (the `report`'s lines) on the stage's console.
 
     Columns beyond the format's are kept (rewards read them, e.g. `answer`); only columns present
     in every part of a mixture survive it.
+
+    Raises:
+        DataError: see `load` and `check`; a mixture of formats.
     """
     import datasets
 
     if not refs:
         raise DataError("this stage has no data: add `data: [NAME]` naming a dataset under data:")
+    report = DataReport() if report is None else report
     parts, formats = [], set()
     for ref in refs:
-        loaded = load(ref.name, datasets_cfg[ref.name])
-        formats.add(check(loaded, accept))
+        loaded = load(ref.name, datasets_cfg[ref.name], on_bad_rows=on_bad_rows, report=report)
+        formats.add(check(loaded, accept, on_bad_rows=on_bad_rows, report=report))
         parts.append((loaded.rows, ref.weight))
     if len(formats) > 1:
         raise DataError(f"a mixture must share one format; got {sorted(formats)} from {[r.name for r in refs]}")
+    for line in report.lines():
+        print(f"alignkit: {line}", flush=True)
     common = set.intersection(*(set(rows[0]) for rows, _ in parts))
-    rows = [{k: r.get(k) for k in common} for r in mixture(parts, seed)]
-    if formats == {"preference"}:  # implicit prompts (shared prefix) become explicit ones
-        rows = [{**r, **dict(zip(("prompt", "chosen", "rejected"), split_prompt(r)))} for r in rows]
-    return datasets.Dataset.from_list(rows)
+    return datasets.Dataset.from_list([{k: r.get(k) for k in common} for r in mixture(parts, seed)])
+
+
+# ---------------------------------------------------------------- truncation by max_length
+
+
+def _length(tokenizer, content, **chat) -> list[int]:
+    """Token ids of text (tokenizer call) or a conversation (its chat template), as TRL's SFT does."""
+    if isinstance(content, list):
+        return list(tokenizer.apply_chat_template(content, tokenize=True, return_dict=True, **chat)["input_ids"])
+    return list(tokenizer(text=content)["input_ids"])
+
+
+def completion_span(row: dict, tokenizer) -> tuple[int, int]:
+    """(where the completion starts, total length) in tokens of a row as a trainer sees it:
+    prompt + completion (the longer of chosen / rejected for pairs), a conversation's last turn,
+    or a `text` row (start 0)."""
+    if "messages" in row:
+        prompt, answers = row["messages"][:-1], [row["messages"]]
+    elif "text" in row and "prompt" not in row:
+        return 0, len(_length(tokenizer, row["text"])) + 1  # + the EOS TRL appends
+    else:
+        prompt = row["prompt"]
+        answers = [prompt + row[c] for c in ("completion", "chosen", "rejected") if c in row]
+    if isinstance(prompt, list):
+        prompt_ids = _length(tokenizer, prompt, add_generation_prompt=True) if prompt else []
+    else:
+        prompt_ids = _length(tokenizer, prompt)
+    spans = []
+    for full in answers:
+        full_ids = _length(tokenizer, full)
+        start = len(os.path.commonprefix([prompt_ids, full_ids]))  # TRL's common_prefix_length
+        spans.append((start, len(full_ids) + (not isinstance(full, list))))  # + the EOS TRL appends to text
+    return min(s for s, _ in spans), max(n for _, n in spans)
+
+
+def check_truncation(dataset, tokenizer, max_length: Optional[int], datasets_cfg: dict[str, DatasetConfig],
+                     refs: list[DataRef], accept: tuple[str, ...], *, on_bad_rows: Optional[str] = None,
+                     report: Optional[DataReport] = None):
+    """Count, per dataset, the rows whose completion `max_length` (keep the first tokens, TRL's
+    default) cuts away completely (`truncated`) or partly (`truncated_partly`), print the counts with
+    file:line, and apply `on_bad_rows` (default warn): error stops on any cut row, drop leaves out
+    the completely cut ones from `dataset` (rows of `build(datasets_cfg, refs, accept)`).
+
+    Returns:
+        `dataset`, without the completely cut rows under `on_bad_rows: drop`.
+
+    Raises:
+        DataError: every row loses its whole completion (whatever the policy: nothing would train),
+            or any row is cut under `on_bad_rows: error`.
+    """
+    if max_length is None:
+        return dataset
+    report = DataReport() if report is None else report
+    total = 0
+    for ref in refs:
+        loaded = load(ref.name, datasets_cfg[ref.name], on_bad_rows=on_bad_rows)
+        check(loaded, accept, on_bad_rows=on_bad_rows)
+        total += len(loaded.rows)
+        for i, row in enumerate(loaded.rows):
+            start, length = completion_span(row, tokenizer)
+            if start >= max_length and length > start:
+                report.add(ref.name, "truncated", loaded.where(i), f"prompt of {start} tokens >= max_length {max_length}")
+            elif length > max_length:
+                report.add(ref.name, "truncated_partly", loaded.where(i), f"{length} tokens > max_length {max_length}")
+    cut, partly = report.rows("truncated"), report.rows("truncated_partly")
+    policy = bad_row_policy(on_bad_rows, "truncated")
+    if cut == total or (policy == "error" and cut + partly):
+        lines = "\n  ".join(report.lines())
+        why = "every row loses its whole completion" if cut == total else "on_bad_rows: error"
+        raise DataError(f"max_length {max_length}: {why}:\n  {lines}\n  raise `max_length` under the stage's args, "
+                        f"or shorten the prompts")
+    for line in report.lines():
+        print(f"alignkit: max_length {max_length}: {line}", flush=True)
+    if policy == "drop" and cut:
+        dataset = dataset.filter(lambda row: completion_span(row, tokenizer)[0] < max_length)
+    return dataset

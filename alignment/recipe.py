@@ -141,6 +141,12 @@ class Recipe(Strict):
     stages: dict[str, StageConfig]
     evals: list[EvalConfig] = Field(default_factory=list)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    on_bad_rows: Optional[Literal["error", "drop", "warn"]] = Field(None, description=(
+        "rows that are malformed (empty or null text, an unknown role, a conversation not ending with the "
+        "assistant, ...) or whose completion the stage's max_length cuts off: error = stop, naming file:line; "
+        "drop = leave them out; warn = keep the truncated rows and leave out the malformed ones (they cannot "
+        "train). Every such row is counted and reported per dataset. null: error for malformed rows, warn for "
+        "truncated ones"))
 
     @model_validator(mode="after")
     def _stage_names(self):

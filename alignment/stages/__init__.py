@@ -110,7 +110,8 @@ class StageContext:
         from alignment.data import build
 
         fn = STAGES.get(self.spec.method)
-        return build(self.recipe.data, self.spec.data, formats or fn.formats, seed=self.recipe.seed)
+        return build(self.recipe.data, self.spec.data, formats or fn.formats, seed=self.recipe.seed,
+                     on_bad_rows=self.recipe.on_bad_rows)
 
     # ------------------------------------------------------------ online RL (grpo, ppo)
 

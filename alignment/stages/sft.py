@@ -20,9 +20,14 @@ def _config():
 def run(ctx: StageContext) -> StageResult:
     from trl import SFTConfig, SFTTrainer
 
+    from alignment.data import check_truncation
+
     tokenizer = ctx.tokenizer()
     train = ctx.dataset()
     args = ctx.trl_config(SFTConfig, max_length=1024)
+    # TRL truncates and then silently drops the rows left without a completion token: count and say so
+    train = check_truncation(train, tokenizer, args.max_length, ctx.recipe.data, ctx.spec.data, run.formats,
+                             on_bad_rows=ctx.recipe.on_bad_rows)
     trainer = SFTTrainer(
         model=ctx.load_model(),
         args=args,

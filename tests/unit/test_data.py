@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from alignment.data import DataError, build, check, load, mixture, split_prompt
+from alignment.data import (DataError, DataReport, build, check, check_truncation, completion_span, load, mixture,
+                            split_prompt)
 from alignment.recipe import DataRef, DatasetConfig
 from tests.helpers import write_jsonl
 
@@ -114,3 +115,233 @@ def test_mixture_of_different_formats_is_refused(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="file not found"):
         load("d", cfg(tmp_path / "nope.jsonl"))
+
+
+# ---------------------------------------------------------------- nothing changes without a word (issue 16, kind 2)
+
+
+def report_of(path, accept, **kw):
+    """check(load(path)) with a fresh report; returns (loaded, report)."""
+    report = DataReport()
+    loaded = load("d", cfg(path), report=report, **kw)
+    check(loaded, accept, report=report, **kw)
+    return loaded, report
+
+
+@pytest.mark.parametrize("chosen, rejected, split", [
+    ("Q: 5+7?\nAnswer: 12", "Q: 5+7?\nAnswer: 13", ("Q: 5+7?\nAnswer: ", "12", "13")),   # shared leading digit
+    ("Q: 6+4?\nAnswer: 10", "Q: 6+4?\nAnswer: 100", ("Q: 6+4?\nAnswer: ", "10", "100")),  # one is a prefix
+    ("The sky", "The sky is blue", ("The ", "sky", "sky is blue")),                        # TRL PR #6498
+    ("x = foo(1)", "x = foo(2)", ("x = foo(", "1)", "2)")),                                 # punctuation is a boundary
+])
+def test_implicit_prompt_splits_at_a_word_boundary_with_both_answers_non_empty(chosen, rejected, split):
+    # case 04: the common *character* prefix put the answer's first digit into the prompt
+    assert split_prompt({"chosen": chosen, "rejected": rejected}) == split
+
+
+@pytest.mark.parametrize("chosen, rejected, why", [
+    ("same text", "same text", "chosen and rejected are the same"),
+    ("12", "13", "share no prompt"),
+    ("Hello there", "Goodbye", "share no prompt"),
+])
+def test_unsplittable_implicit_pairs_are_refused_with_file_and_line(tmp_path, chosen, rejected, why):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"chosen": "Q: 1\nA: 2", "rejected": "Q: 1\nA: 3"},
+                                           {"chosen": chosen, "rejected": rejected}])
+    with pytest.raises(DataError, match=rf"{p}:2: .*{why}"):
+        check(load("d", cfg(p)), ("preference",))
+
+
+def test_implicit_split_is_counted_and_built_rows_carry_the_prompt(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"chosen": f"Q: {i}\nA: 1{i}", "rejected": f"Q: {i}\nA: 1{i + 1}"} for i in range(5)])
+    report = DataReport()
+    ds = build({"d": cfg(tmp_path / "d.jsonl")}, [DataRef(name="d")], ("preference",), report=report)
+    assert report.counts == {"d": {"split": 5}} and len(report.examples["d"]["split"]) == 3
+    assert ds[0]["prompt"] == "Q: 0\nA: " and (ds[0]["chosen"], ds[0]["rejected"]) == ("10", "11")
+    assert "5 row(s) split" in report.lines()[0] and "d.jsonl:1" in report.lines()[0]
+
+
+def test_kto_from_implicit_pairs_uses_the_word_boundary_split(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"chosen": "A: 10", "rejected": "A: 100"}])
+    assert [(r["prompt"], r["completion"]) for r in load("d", cfg(p, unpaired=True)).rows] == [("A: ", "10"), ("A: ", "100")]
+
+
+def test_csv_text_columns_are_text_and_an_empty_cell_is_refused(tmp_path):
+    # case 15: a completion column of numbers was refused as "not a string"
+    numbers = tmp_path / "numbers.csv"
+    numbers.write_text("prompt,completion\nWhat is 3+4?,7\nWhat is 6+6?,12\nWhat is 1.5+1?,2.50\nSay NA,NA\n")
+    loaded, report = report_of(numbers, ("prompt_completion",))
+    assert [r["completion"] for r in loaded.rows] == ["7", "12", "2.50", "NA"]  # as written: no 2.5, no null
+    assert report.counts == {}  # nothing was retyped: the cells were read as text
+    blank = tmp_path / "blank.csv"
+    blank.write_text("prompt,completion\nWhat is 3+4?,seven\nWhat is 8+1?,nine\nWhat is 6+6?,\n")
+    with pytest.raises(DataError, match=rf"{blank}:4: column 'completion' is empty"):
+        check(load("d", cfg(blank)), ("prompt_completion",))
+
+
+def test_csv_renamed_text_columns_and_typed_other_columns(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text('q,a,label,n\n"two\nlines",7,true,1\nq2,8,false,\n')
+    loaded = load("d", cfg(p, columns={"q": "prompt", "a": "completion"}))
+    assert check(loaded, ("unpaired",)) == "unpaired"
+    assert loaded.rows[0] == {"prompt": "two\nlines", "completion": "7", "label": True, "n": 1}
+    assert loaded.rows[1]["label"] is False and loaded.rows[1]["n"] is None
+    assert [loaded.where(i) for i in range(2)] == [f"{p}:2", f"{p}:4"]  # a quoted cell spans two lines
+
+
+def test_numbers_in_text_columns_of_typed_files_are_retyped_and_counted(tmp_path):
+    import datasets
+
+    p = tmp_path / "d.parquet"
+    datasets.Dataset.from_list([{"prompt": "3+4", "completion": 7}, {"prompt": "6+6", "completion": 12}]).to_parquet(str(p))
+    loaded, report = report_of(p, ("prompt_completion",))
+    assert [r["completion"] for r in loaded.rows] == ["7", "12"]
+    assert report.counts == {"d": {"retyped": 2}}
+    assert report.examples["d"]["retyped"][0] == f"{p}: row 1: completion 7 -> '7'"
+
+
+def test_json_array_file(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text('[{"text": "a"}, {"text": ""}]')
+    with pytest.raises(DataError, match=rf"{p}: row 2: column 'text' is empty"):
+        check(load("d", cfg(p)), ("text",))
+
+
+GOOD_CHAT = {"messages": MSG}
+DEGENERATE = [  # (format, row, what the error says) -- each is one malformed row of its format
+    ("messages", {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]}, "role \"robot\""),
+    ("messages", {"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "bye"}]},
+     "should end with an assistant message"),
+    ("messages", {"messages": ["hi", "hello"]}, "message 0 should be a {role, content} object"),
+    ("messages", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]},
+     "should have text content"),
+    ("messages", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
+     "ends with an empty assistant message"),
+    ("messages", {"messages": None}, "should be a non-empty list"),
+    ("prompt_completion", {"prompt": "q", "completion": ""}, "column 'completion' is empty"),
+    ("prompt_completion", {"prompt": None, "completion": "a"}, "column 'prompt' is null"),
+    ("prompt_completion", {"prompt": "q", "completion": {"text": "a"}}, "should be text or a list"),
+    ("prompt_completion", {"prompt": [{"role": "user", "content": "q"}], "completion": "a"}, "mix text and conversations"),
+    ("prompt_completion", {"prompt": "q", "completion": [{"role": "user", "content": "a"}]}, "should end with an assistant"),
+    ("preference", {"prompt": "q", "chosen": "a", "rejected": None}, "column 'rejected' is null"),
+    ("preference", {"prompt": "q", "chosen": "a", "rejected": "a"}, "chosen and rejected are the same"),
+    ("preference", {"prompt": "", "chosen": "a", "rejected": "b"}, "column 'prompt' is empty"),
+    ("unpaired", {"prompt": "q", "completion": "a", "label": "yes"}, "column 'label' should be true or false"),
+    ("text", {"text": "   "}, "column 'text' is empty"),
+    ("prompt", {"prompt": []}, "should be a non-empty list"),
+]
+
+
+def good_row(fmt: str) -> dict:
+    return {"messages": GOOD_CHAT, "prompt_completion": {"prompt": "q", "completion": "a"},
+            "preference": {"prompt": "q", "chosen": "a", "rejected": "b"},
+            "unpaired": {"prompt": "q", "completion": "a", "label": True}, "text": {"text": "t"},
+            "prompt": {"prompt": "q"}}[fmt]
+
+
+@pytest.mark.parametrize("fmt, bad, says", DEGENERATE)
+def test_degenerate_rows_are_refused_by_default_naming_file_and_line(tmp_path, fmt, bad, says):
+    p = write_jsonl(tmp_path / "d.jsonl", [good_row(fmt), good_row(fmt), bad])
+    with pytest.raises(DataError) as e:
+        check(load("d", cfg(p)), (fmt,))
+    assert f"{p}:3: " in str(e.value) and says in str(e.value)
+    assert "1 malformed row(s) of 3" in str(e.value) and "on_bad_rows: drop" in str(e.value)
+
+
+@pytest.mark.parametrize("policy", ["drop", "warn"])
+@pytest.mark.parametrize("fmt, bad, says", DEGENERATE)
+def test_degenerate_rows_dropped_under_the_policy_are_counted_with_file_and_line(tmp_path, fmt, bad, says, policy):
+    p = write_jsonl(tmp_path / "d.jsonl", [good_row(fmt), bad, good_row(fmt)])
+    loaded, report = report_of(p, (fmt,), on_bad_rows=policy)
+    assert len(loaded.rows) == 2 and loaded.where(1) == f"{p}:3"  # the row after the dropped one keeps its line
+    assert report.counts == {"d": {"dropped": 1}}
+    assert report.examples["d"]["dropped"][0].startswith(f"{p}:2: ") and says in report.examples["d"]["dropped"][0]
+
+
+def test_many_malformed_rows_are_counted_and_the_first_few_named(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"text": "ok"}] + [{"text": ""}] * 5)
+    with pytest.raises(DataError) as e:
+        check(load("d", cfg(p)), ("text",))
+    msg = str(e.value)
+    assert f"{p}:2:" in msg and f"{p}:4:" in msg and f"{p}:5:" not in msg and "2 more" in msg and "5 malformed row(s) of 6" in msg
+
+
+def test_nothing_left_after_dropping_is_an_error(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"text": ""}, {"text": None}])
+    with pytest.raises(DataError, match=r"no usable rows \(2 malformed\)"):
+        check(load("d", cfg(p)), ("text",), on_bad_rows="drop")
+
+
+def test_build_prints_the_report_and_drops_under_the_policy(tmp_path, capsys):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": None}])
+    ds = build({"d": cfg(p)}, [DataRef(name="d")], ("prompt_completion",), on_bad_rows="drop")
+    assert len(ds) == 1
+    out = capsys.readouterr().out
+    assert "dataset 'd': 1 row(s) dropped" in out and f"{p}:2: column 'completion' is null" in out
+
+
+def test_report_to_dict_is_json_for_a_manifest(tmp_path):
+    import json
+
+    report = DataReport()
+    report.add("d", "dropped", "f.jsonl:3", "column 'text' is empty")
+    assert json.loads(json.dumps(report.to_dict())) == {
+        "d": {"dropped": {"rows": 1, "examples": ["f.jsonl:3: column 'text' is empty"]}}}
+
+
+# ---------------------------------------------------------------- truncation by max_length (case 06)
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer():
+    from alignment.testing import make_tokenizer
+
+    return make_tokenizer()  # one token per character: lengths below are counted by hand
+
+
+def sft_file(tmp_path, long: int, short: int):
+    # prompt "x" * 40 + "?" is 41 tokens, completion " 7" 2 (+ EOS); "What is 4+8?" 12
+    rows = [{"prompt": "x" * 40 + "?", "completion": " 7"}] * long + [{"prompt": "What is 4+8?", "completion": " 12"}] * short
+    return write_jsonl(tmp_path / "sft.jsonl", rows)
+
+
+def truncation(tmp_path, tok, max_length, long=6, short=2, **kw):
+    p = sft_file(tmp_path, long, short)
+    cfgs, refs = {"sft": cfg(p)}, [DataRef(name="sft")]
+    report = DataReport()
+    ds = build(cfgs, refs, ("prompt_completion",))
+    out = check_truncation(ds, tok, max_length, cfgs, refs, ("prompt_completion",), report=report, **kw)
+    return p, out, report
+
+
+def test_rows_whose_answer_max_length_cuts_away_are_counted_and_told(tmp_path, char_tokenizer, capsys):
+    p, ds, report = truncation(tmp_path, char_tokenizer, 41)
+    assert report.counts == {"sft": {"truncated": 6}} and len(ds) == 8  # warn (default): kept, TRL drops them
+    assert report.examples["sft"]["truncated"][0] == f"{p}:1: prompt of 41 tokens >= max_length 41"
+    assert "max_length 41: dataset 'sft': 6 row(s) truncated" in capsys.readouterr().out
+    _, _, report = truncation(tmp_path, char_tokenizer, 42)  # one answer token left: partly cut
+    assert report.counts == {"sft": {"truncated_partly": 6}}
+    _, _, report = truncation(tmp_path, char_tokenizer, 44)  # 41 + 2 + EOS fits
+    assert report.counts == {}
+
+
+def test_truncation_policy_drop_and_error(tmp_path, char_tokenizer):
+    _, ds, _ = truncation(tmp_path, char_tokenizer, 41, on_bad_rows="drop")
+    assert len(ds) == 2 and set(ds["prompt"]) == {"What is 4+8?"}
+    with pytest.raises(DataError, match=r"(?s)max_length 42: on_bad_rows: error.*6 row\(s\) truncated_partly"):
+        truncation(tmp_path, char_tokenizer, 42, on_bad_rows="error")
+
+
+def test_every_row_losing_its_answer_is_refused_whatever_the_policy(tmp_path, char_tokenizer):
+    for policy in (None, "warn", "drop"):
+        with pytest.raises(DataError, match=r"(?s)every row loses its whole completion.*8 row\(s\) truncated.*sft.jsonl:1"):
+            truncation(tmp_path, char_tokenizer, 20, long=8, short=0, on_bad_rows=policy)
+
+
+def test_completion_span_is_format_aware(char_tokenizer):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    # ChatML: "<|im_start|>user\nhi<|im_end|>\n" = 1 + 5 + 2 + 1 + 1 = 10 tokens, then the generation
+    # prompt "<|im_start|>assistant\n" 1 + 10: the completion starts at 21
+    assert completion_span({"messages": chat}, char_tokenizer) == (21, 21 + 4)  # + "yo<|im_end|>\n", no EOS added
+    assert completion_span({"prompt": chat[:1], "completion": chat[1:]}, char_tokenizer) == (21, 25)
+    assert completion_span({"prompt": "ab", "chosen": "c", "rejected": "def"}, char_tokenizer) == (2, 6)  # longer + EOS
+    assert completion_span({"text": "abcd"}, char_tokenizer) == (0, 5)
