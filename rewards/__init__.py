@@ -264,7 +264,7 @@ def _import(name: str, module_name: str):
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name is not None and module_name.startswith(e.name):  # the module itself (or its package)
+        if e.name is not None and (module_name + ".").startswith(e.name + "."):  # the module itself (or its package)
             raise ImportError(f"reward '{name}': cannot import module '{module_name}' ({e}); put "
                               f"{module_name.split('.')[0]}.py beside the recipe or on PYTHONPATH") from None
         where = _user_frame(e)
@@ -297,10 +297,10 @@ def _check_params(name: str, fn: RewardFn, params: Mapping[str, Any]) -> list[st
         return []  # builtins / C callables: nothing to check against
     P = inspect.Parameter
     by_name = sig.parameters
-    kinds = [p.kind for p in by_name.values()]
-    named = {"prompts", "completions"} & {k for k, p in by_name.items() if p.kind != P.POSITIONAL_ONLY}
-    if "completions" not in named or P.VAR_KEYWORD not in kinds or (
-            "prompts" not in named and any(p.default is P.empty and p.kind == P.POSITIONAL_ONLY for p in by_name.values())):
+    kinds = {p.name: p.kind for p in by_name.values()}
+    positional_only = [p for p in by_name.values() if p.kind == P.POSITIONAL_ONLY and p.default is P.empty]
+    if kinds.get("completions") not in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY) or positional_only or (
+            P.VAR_KEYWORD not in kinds.values()):
         raise ValueError(f"reward '{name}' must have the signature fn(prompts, completions, **columns), got {name}{sig}")
     keywords = [p for k, p in by_name.items() if k not in ("prompts", "completions")
                 and p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)]

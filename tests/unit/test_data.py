@@ -345,3 +345,29 @@ def test_completion_span_is_format_aware(char_tokenizer):
     assert completion_span({"prompt": chat[:1], "completion": chat[1:]}, char_tokenizer) == (21, 25)
     assert completion_span({"prompt": "ab", "chosen": "c", "rejected": "def"}, char_tokenizer) == (2, 6)  # longer + EOS
     assert completion_span({"text": "abcd"}, char_tokenizer) == (0, 5)
+
+
+
+def validate(recipe):
+    from typer.testing import CliRunner
+
+    from alignment.cli import app
+
+    return CliRunner().invoke(app, ["validate", str(recipe)])
+
+
+def test_validate_prints_what_the_policy_drops_and_refuses_by_default(tmp_path):
+    from tests.helpers import write_recipe
+
+    write_jsonl(tmp_path / "sft.jsonl", [{"messages": MSG}, {"messages": [{"role": "robot", "content": "beep"}]}])
+    stages = {"sft": {"method": "sft", "data": ["sft"]}}
+    recipe = write_recipe(tmp_path, "some/model", stages, data={"sft": {"path": "sft.jsonl"}}, on_bad_rows="drop")
+    res = validate(recipe)
+    assert res.exit_code == 0, res.output
+    assert f"data: dataset 'sft': 1 row(s) dropped" in res.output and f"sft.jsonl:2: column 'messages' message 0 has role" in res.output
+    recipe = write_recipe(tmp_path, "some/model", stages, data={"sft": {"path": "sft.jsonl"}})  # default: error
+    res = validate(recipe)
+    assert res.exit_code == 2 and "sft.jsonl:2: column 'messages' message 0 has role \"robot\"" in res.output
+    recipe = write_recipe(tmp_path, "some/model", stages, data={"sft": {"path": "sft.jsonl"}}, on_bad_rows="skip")
+    res = validate(recipe)
+    assert res.exit_code == 2 and "on_bad_rows: Input should be 'error', 'drop' or 'warn'" in res.output
