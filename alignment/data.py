@@ -408,16 +408,16 @@ def check(loaded: Loaded, accept: tuple[str, ...], *, on_bad_rows: Optional[str]
         if problem is None:
             kept.append(i)
         else:
-            bad.append(f"{loaded.where(i)}: {problem}")
+            bad.append((loaded.where(i), problem))
     if bad and bad_row_policy(on_bad_rows, "malformed") == "error":
         more = f"\n  ... {len(bad) - EXAMPLES} more" if len(bad) > EXAMPLES else ""
-        raise DataError("\n  ".join(bad[:EXAMPLES]) + more + f"\n  {len(bad)} malformed row(s) of {len(loaded.rows)} in "
-                        f"dataset '{loaded.name}' (format {fmt}); fix them, or set `on_bad_rows: drop` to leave them out")
-    for line in bad:
-        where, _, why = line.partition(": ")
+        raise DataError("\n  ".join(f"{where}: {why}" for where, why in bad[:EXAMPLES]) + more +
+                        f"\n  {len(bad)} malformed row(s) of {len(loaded.rows)} in dataset '{loaded.name}' "
+                        f"(format {fmt}); fix them, or set `on_bad_rows: drop` to leave them out")
+    for where, why in bad:
         report.add(loaded.name, "dropped", where, why)
     if not kept:
-        raise DataError(f"dataset '{loaded.name}': no usable rows ({len(bad)} malformed); first: {bad[0]}")
+        raise DataError(f"dataset '{loaded.name}': no usable rows ({len(bad)} malformed); first: {': '.join(bad[0])}")
     if bad:
         where = loaded.where
         loaded.rows = [loaded.rows[i] for i in kept]

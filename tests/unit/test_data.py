@@ -371,3 +371,13 @@ def test_validate_prints_what_the_policy_drops_and_refuses_by_default(tmp_path):
     recipe = write_recipe(tmp_path, "some/model", stages, data={"sft": {"path": "sft.jsonl"}}, on_bad_rows="skip")
     res = validate(recipe)
     assert res.exit_code == 2 and "on_bad_rows: Input should be 'error', 'drop' or 'warn'" in res.output
+
+
+def test_dropped_rows_of_a_parquet_file_keep_their_row_numbers(tmp_path):
+    import datasets
+
+    p = tmp_path / "d.parquet"
+    datasets.Dataset.from_list([{"text": "a"}, {"text": ""}, {"text": "c"}]).to_parquet(str(p))
+    loaded, report = report_of(p, ("text",), on_bad_rows="drop")
+    assert report.examples == {"d": {"dropped": [f"{p}: row 2: column 'text' is empty (\"\")"]}}
+    assert [loaded.where(i) for i in range(2)] == [f"{p}: row 1", f"{p}: row 3"]
