@@ -7,7 +7,7 @@ import secrets
 from concurrent.futures import ThreadPoolExecutor
 
 from rewards.base import REWARDS, completion_text, get_column
-from rewards.sandbox import run_python
+from rewards.sandbox import SandboxUnavailable, run_python
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,16 @@ def code_exec(prompts, completions, *, column: str = "tests", timeout_s: float =
     The program is the completion's last python block, then the tests (a string, or a list of
     strings such as asserts); it passes when it exits 0 within the limits and reaches its end
     (an `exit(0)` before the tests does not pass). No code block scores 0.0; missing tests, None.
+    A program that reaches outside its box (files, network, other processes) fails there and
+    scores 0.0.
 
     Args:
         column: the dataset column holding the test code.
         timeout_s, cpu_s, memory_mb: sandbox limits per program (see `rewards.sandbox.run_python`).
         max_workers: programs run at once.
+
+    Raises:
+        SandboxUnavailable: the machine cannot build the sandbox (see `rewards.sandbox`).
     """
     tests = get_column(columns, column, "code_exec", len(completions))
     codes = [extract_code(completion_text(c)) for c in completions]
@@ -57,6 +62,8 @@ def code_exec(prompts, completions, *, column: str = "tests", timeout_s: float =
         program = f"{code}\n\n{test_code}\n\nprint({token!r})\n"
         try:
             result = run_python(program, timeout_s=timeout_s, cpu_s=cpu_s, memory_mb=memory_mb)
+        except SandboxUnavailable:
+            raise  # the machine, not the completion: stop rather than score every program 0
         except Exception:  # noqa: BLE001 -- run_python should not raise; a bug there must not stop training
             log.exception("code_exec: sandbox failed; scoring 0")
             return 0.0

@@ -1,20 +1,25 @@
 """Run untrusted Python (model-written code) in a limited child process.
 
 `run_python` never raises for anything the code does: a crash, timeout, memory or process limit
-shows up in the returned `SandboxResult` (`ok` is False), so a reward built on it scores 0 and the
-trainer goes on. Each run costs ~0.1 s of start-up. Isolation, each part best-effort where the
-machine refuses it (the child then says so on stderr):
+or a refused file access shows up in the returned `SandboxResult` (`ok` is False), so a reward built
+on it scores 0 and the trainer goes on. Each run costs ~0.1 s of start-up. Isolation (Linux):
 
-- `python -I` in a fresh temp dir (cwd and HOME) with a minimal environment: no trainer secrets;
-- no network: a new network namespace (non-root: inside a user namespace), so nothing leaves and
-  the trainer's localhost services are unreachable; plus a guard on Python's `socket` that
-  refuses internet connects (alone, it can be bypassed through `_socket` or ctypes);
-- as root: a fresh random uid keeping only CAP_DAC_READ_SEARCH (read-only, so an interpreter
-  under a 0700 /root still imports). RLIMIT_NPROC applies (never to root), the code cannot
-  signal the trainer, and every process of the run is found and killed at the end, even one
-  that left the process group;
+- `python -I` with a minimal environment (no trainer secrets), cwd, HOME and TMPDIR a fresh work
+  dir, the only writable place;
+- its own mount, network and IPC namespaces (non-root: inside a user namespace): the filesystem it
+  sees is an empty read-only root holding read-only binds of the interpreter's prefixes, /usr,
+  /lib*, /bin, /sbin, `/etc/ld.so.cache` and /dev/{null,zero,random,urandom}, plus the work dir.
+  No /proc, /sys, /home, /root, shared /tmp, /dev/shm or /var/tmp; no network, not even loopback;
+  no SysV shared memory with the trainer;
+- every capability dropped (bounding, ambient, effective, permitted, inheritable), no_new_privs;
+  as root, also a fresh random uid, so RLIMIT_NPROC applies (never to root), the code cannot signal
+  the trainer, and every process of the run is found and killed at the end, even one that left
+  the process group;
 - rlimits: CPU seconds and address space per process, processes, output size, no core dumps;
 - a wall-clock timeout that kills the whole process group.
+
+Where the machine refuses a namespace or mount (e.g. a container without CAP_SYS_ADMIN and without
+user namespaces), `run_python` raises `SandboxUnavailable` instead of running the code unboxed.
 
 The limits are set by a small bootstrap that runs in the child before the user's code, not in
 `preexec_fn`: `preexec_fn` is unsafe in a threaded parent (the trainer is) and forces a full
@@ -36,71 +41,107 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import cache
 
 MARKER = "alignkit-sandbox"  # in every sandbox process's argv, so leftovers are recognisable
 _UID_BASE, _UID_SPAN = 2_000_000_000, 100_000_000  # far above real users and subuid ranges
+_REFUSED = 125  # the bootstrap's exit code when it cannot build the box
+# What the box may read besides the interpreter's own prefixes (added by the child).
+_READ_ONLY = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc/ld.so.cache",
+              "/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
 
-# Runs in the child as `python -I -c _BOOTSTRAP MARKER <config json>`. Order matters: the network
-# namespace needs root (or a user namespace), so it comes before the uid drop; RLIMIT_NPROC is
-# set after the drop because it counts the processes of the new uid.
+
+class SandboxUnavailable(RuntimeError):
+    """This machine cannot build the sandbox (a namespace or mount was refused)."""
+
+# Runs in the child as `python -I -c _BOOTSTRAP MARKER <config json>` (as the trainer's user) before
+# the user's code. Order matters: namespaces and mounts need privilege (root, or a fresh user
+# namespace), so they come first; then every capability goes; RLIMIT_NPROC comes after the uid drop
+# because it counts the processes of the new uid. A step that fails ends the child with exit
+# code `_REFUSED` before main.py is read: the code never runs less isolated than described.
 _BOOTSTRAP = r"""
 import ctypes, json, os, resource, sys
 cfg = json.loads(sys.argv[2])
-def _warn(msg):
-    sys.stderr.write(f"alignkit-sandbox: {msg}\n")
 libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
-flags = CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNET
-netns = libc.unshare(flags) == 0
-if not netns:
-    _warn(f"no network namespace ({os.strerror(ctypes.get_errno())}); using the socket guard only")
-if cfg["uid"] is not None and os.geteuid() == 0:
-    # Become an unused uid (RLIMIT_NPROC never applies to root) but keep CAP_DAC_READ_SEARCH,
-    # read-only, so an interpreter installed under a 0700 /root stays importable. Ambient, so
-    # it survives exec of a subprocess; no_new_privs, so setuid binaries cannot regain root.
-    class _CapHeader(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-    class _CapData(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                    ("inheritable", ctypes.c_uint32)]
-    CAP_DAC_READ_SEARCH, PR_SET_KEEPCAPS, PR_SET_NO_NEW_PRIVS = 2, 8, 38
-    PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
-    try:
-        libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0)
-        os.setgroups([])
-        os.setgid(cfg["uid"])
-        os.setuid(cfg["uid"])
-        keep = 1 << CAP_DAC_READ_SEARCH
-        caps = (_CapData * 2)(_CapData(keep, keep, keep))
-        if libc.capset(ctypes.byref(_CapHeader(0x20080522, 0)), caps) != 0:  # _LINUX_CAPABILITY_VERSION_3
-            _warn(f"capset failed ({os.strerror(ctypes.get_errno())})")
-        libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_DAC_READ_SEARCH, 0, 0)
-        libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    except OSError as e:
-        _warn(f"could not drop root ({e}); the process limit does not apply")
+def _check(ok, what):
+    if not ok:
+        sys.stderr.write(f"alignkit-sandbox: cannot {what} ({os.strerror(ctypes.get_errno())}); not running\n")
+        os._exit(cfg["refused"])
+def _mount(src, dst, fstype, flags, data=None):
+    _check(libc.mount(src, dst.encode(), fstype, flags, data) == 0, f"mount {dst}")
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWNET = 0x20000, 0x8000000, 0x10000000, 0x40000000
+MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8  # the same bits as statvfs's ST_*
+uid, gid = os.getuid(), os.getgid()
+flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWNET
+_check(libc.unshare(flags if uid == 0 else flags | CLONE_NEWUSER) == 0, "create namespaces")
+if uid != 0:  # keep our own ids inside the new user namespace
+    for name, line in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(line)
+# The new root: an empty read-only tmpfs holding read-only binds of the interpreter, its libraries
+# and a few devices, and the work dir as the one writable place (no /proc, /sys, /home, /tmp, ...).
+_mount(None, "/", None, MS_REC | MS_PRIVATE)
+root, bound = cfg["root"], []
+_mount(b"tmpfs", root, b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=0755,size=1m")
+def _expose(path, writable=False):
+    real = "/"  # walk the path, recreating its symlinks inside the new root
+    for part in path.strip("/").split("/"):
+        host = os.path.join(real, part)
+        if os.path.islink(host):
+            os.makedirs(root + real, exist_ok=True)
+            if not os.path.lexists(root + host):
+                os.symlink(os.readlink(host), root + host)
+            host = os.path.realpath(host)
+        real = host
+    if any(real == b or real.startswith(b.rstrip("/") + "/") for b in bound):
+        return
+    inner = root + real
+    if os.path.isdir(real):
+        os.makedirs(inner, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(inner), exist_ok=True)
+        open(inner, "a").close()
+    _mount(real.encode(), inner, None, MS_BIND | MS_REC)
+    keep = os.statvfs(real).f_flag & (MS_NOSUID | MS_NODEV | MS_NOEXEC)  # locked in a user namespace
+    _mount(None, inner, None, MS_REMOUNT | MS_BIND | MS_NOSUID | keep | (0 if writable else MS_RDONLY))
+    bound.append(real)
+_expose(cfg["workdir"], writable=True)
+for path in (*cfg["read_only"], sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix):
+    if os.path.lexists(path):
+        _expose(path)
+_mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, b"mode=0755,size=1m")
+os.chdir(root)
+os.chroot(".")
+os.chdir(cfg["workdir"])
+# Drop every capability: the bounding set and ambient ones, then effective/permitted/inheritable;
+# no_new_privs, so no setuid binary or file capability regains any.
+PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 38, 47, 4
+cap = 0
+while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
+    cap += 1
+_check(cap > 0, "drop the capability bounding set")
+_check(libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) == 0, "clear ambient capabilities")
+if cfg["uid"] is not None:  # root: become an unused uid (RLIMIT_NPROC never applies to root)
+    os.setgroups([])
+    os.setgid(cfg["uid"])
+    os.setuid(cfg["uid"])
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+_check(libc.capset(ctypes.byref(_CapHeader(0x20080522, 0)), (_CapData * 2)()) == 0, "clear capabilities")
+_check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0, "set no_new_privs")
 def _limit(kind, soft, hard=None):
     try:
         resource.setrlimit(kind, (soft, soft if hard is None else hard))
-    except (ValueError, OSError) as e:
-        _warn(f"rlimit {kind} not set ({e})")
+    except (ValueError, OSError):
+        _check(False, f"set rlimit {kind}")
 _limit(resource.RLIMIT_CPU, cfg["cpu_s"], cfg["cpu_s"] + 1)  # SIGXCPU at soft, SIGKILL at hard
 _limit(resource.RLIMIT_AS, cfg["memory_bytes"])
 _limit(resource.RLIMIT_FSIZE, cfg["max_output_bytes"])  # also bounds stdout/stderr (files)
 _limit(resource.RLIMIT_CORE, 0)
-if os.geteuid() != 0 and not netns:
-    # Without a user namespace the limit would count all of this user's processes.
-    _warn("no user namespace; the process limit is not set")
-else:
-    _limit(resource.RLIMIT_NPROC, cfg["max_procs"])
-import socket
-def _guard(method):
-    def guarded(self, *args):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            raise PermissionError("network access is disabled in the alignkit sandbox")
-        return method(self, *args)
-    return guarded
-for _name in ("connect", "connect_ex", "sendto", "sendmsg"):
-    setattr(socket.socket, _name, _guard(getattr(socket.socket, _name)))
+_limit(resource.RLIMIT_NPROC, cfg["max_procs"])  # per uid: a fresh one, or this user namespace's
 import runpy
 sys.argv = ["main.py"]
 runpy.run_path("main.py", run_name="__main__")
@@ -144,16 +185,40 @@ def run_python(
         timeout_s: wall-clock seconds before the process group is killed.
         cpu_s: CPU seconds per process (RLIMIT_CPU).
         memory_mb: address space per process (RLIMIT_AS); numpy/torch imports need ~1 GB.
-        max_procs: processes and threads of the run (RLIMIT_NPROC). Enforced as root (the
-            child drops to a fresh uid) or in a user namespace; neither available: not set.
+        max_procs: processes and threads of the run (RLIMIT_NPROC): of a fresh uid as root, of
+            the child's user namespace otherwise.
         max_output_bytes: cap on each of stdout, stderr and any file the code writes.
         python: interpreter to run (default: this one, so the same packages are importable).
 
     Returns:
         A `SandboxResult`; never raises for what the child does.
+
+    Raises:
+        SandboxUnavailable: this machine cannot build the box (checked once per interpreter, with
+            trusted code, so a program cannot fake it).
     """
+    reason = isolation_error(python)
+    if reason is not None:
+        raise SandboxUnavailable(reason)
+    return _run(code, timeout_s=timeout_s, cpu_s=cpu_s, memory_mb=memory_mb, max_procs=max_procs,
+                max_output_bytes=max_output_bytes, python=python)
+
+
+@cache
+def isolation_error(python: str = sys.executable) -> str | None:
+    """Why this machine cannot build the sandbox for `python` (the bootstrap's message), or None."""
+    result = _run("pass", timeout_s=30, cpu_s=30, memory_mb=512, max_procs=16, max_output_bytes=1 << 16,
+                  python=python)
+    if result.returncode == _REFUSED or result.returncode is None:
+        return result.stderr.strip() or "the sandbox did not start"
+    return None
+
+
+def _run(code: str, *, timeout_s: float, cpu_s: int, memory_mb: int, max_procs: int,
+         max_output_bytes: int, python: str) -> SandboxResult:
     start = time.monotonic()
     workdir = tempfile.mkdtemp(prefix=f"{MARKER}-")
+    root = tempfile.mkdtemp(prefix=f"{MARKER}-root-")  # mount point of the child's new root
     uid = _UID_BASE + random.randrange(_UID_SPAN) if os.geteuid() == 0 else None
     timed_out = False
     try:
@@ -162,6 +227,10 @@ def run_python(
         if uid is not None:
             os.chown(workdir, uid, uid)
         config = {
+            "root": root,
+            "workdir": workdir,
+            "read_only": _READ_ONLY,
+            "refused": _REFUSED,
             "uid": uid,
             "cpu_s": int(cpu_s),
             "memory_bytes": int(memory_mb) << 20,
@@ -208,6 +277,7 @@ def run_python(
                              time.monotonic() - start)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        os.rmdir(root)
 
 
 def _read(f, limit: int) -> str:

@@ -9,6 +9,7 @@ import os
 import pickle
 import signal
 import socket
+import subprocess
 import sys
 import textwrap
 import threading
@@ -23,7 +24,7 @@ from rewards.format import format_reward
 from rewards.length import length_penalty
 from rewards.math import math_accuracy
 from rewards.model import reward_model, set_stage_model_loader
-from rewards.sandbox import MARKER, run_python
+from rewards.sandbox import MARKER, isolation_error, run_python
 
 
 def chat(text: str) -> list[dict]:
@@ -372,27 +373,33 @@ HOSTILE = {
     "alloc_10gb": "x = bytearray(10 * 1024 ** 3)",
     "fork_bomb": "import os\nwhile True:\n    os.fork()",
     "connect_outside": "import socket\nsocket.create_connection(('192.0.2.1', 80), timeout=1)",
-    "kill_parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
+    "kill_parent": "import os, signal\nos.kill({sentinel}, signal.SIGKILL)\nos.kill(os.getppid(), signal.SIGKILL)",
     "segfault": "import ctypes\nctypes.string_at(0)",
 }
 
 
+@pytest.fixture
+def sentinel():
+    """A process of the trainer's user standing in for the trainer: hostile code must not touch it."""
+    proc = subprocess.Popen(["sleep", "60"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
 @pytest.mark.parametrize("name", sorted(HOSTILE))
-def test_code_exec_hostile_programs_score_zero(name):
+def test_code_exec_hostile_programs_score_zero(name, sentinel):
     if name in ("fork_bomb", "kill_parent") and os.geteuid() != 0:
         pytest.skip("the process limit and signal isolation rely on the sandbox dropping root")
     start = time.monotonic()
-    got = code_exec(None, [block(HOSTILE[name])], tests=["pass"], timeout_s=2, cpu_s=1)
+    got = code_exec(None, [block(HOSTILE[name].format(sentinel=sentinel.pid))], tests=["pass"],
+                    timeout_s=2, cpu_s=1)
     assert got == [0.0]
     assert time.monotonic() - start < 4
-    assert os.getpid() and threading.main_thread().is_alive()  # still here
+    assert sentinel.poll() is None, "the sandboxed code killed a process of the trainer's user"
 
 
 # ---------------------------------------------------------------- the sandbox itself
-
-
-def _sandbox_warnings() -> str:
-    return run_python("pass").stderr
 
 
 def test_sandbox_runs_code_and_cleans_up():
@@ -462,13 +469,76 @@ def test_sandbox_fork_bomb_is_bounded_and_killed():
         assert "Z" in state or MARKER.encode() not in cmdline, f"sandbox process {pid} survived"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox runs as the same user when not root")
+needs_box = pytest.mark.skipif(isolation_error() is not None,
+                               reason=f"this machine cannot build the sandbox: {isolation_error()}")
+
+
+def _escape_scores(code: str) -> float:
+    """code_exec's score for a completion whose only task is `code` (succeeds if the access does)."""
+    return code_exec(None, [block(code)], tests=["pass"], timeout_s=5)[0]
+
+
+@needs_box
+@pytest.mark.parametrize("shared", ["/tmp", "/dev/shm", "/var/tmp"])
+def test_sandbox_cannot_write_shared_temp_dirs(shared):
+    target = os.path.join(shared, f"alignkit-escape-{os.getpid()}")
+    assert _escape_scores(f"open({target!r}, 'w').write('x')") == 0.0
+    assert not os.path.exists(target)
+
+
+@needs_box
 def test_sandbox_cannot_write_trainer_files(tmp_path):
     target = tmp_path / "trainer_file"
     target.write_text("ok")
-    r = run_python(f"open({str(target)!r}, 'w').write('overwritten')")
-    assert not r.ok and "PermissionError" in r.stderr
+    target.chmod(0o666)  # even a world-writable file of ours is out of reach
+    assert _escape_scores(f"open({str(target)!r}, 'w').write('overwritten')") == 0.0
     assert target.read_text() == "ok"
+
+
+@needs_box
+def test_sandbox_cannot_read_a_0600_file_in_a_readable_dir(tmp_path, monkeypatch):
+    # Expose the directory in the box, so only the missing capabilities keep the canary unread.
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    tmp_path.chmod(0o755)
+    (shared / "public.txt").write_text("public")
+    canary = shared / "canary.txt"
+    canary.write_text("secret")
+    canary.chmod(0o600)
+    monkeypatch.setattr(rewards.sandbox, "_READ_ONLY", (*rewards.sandbox._READ_ONLY, str(tmp_path)))
+    assert _escape_scores(f"assert open({str(shared / 'public.txt')!r}).read() == 'public'") == 1.0
+    assert _escape_scores(f"print(open({str(canary)!r}).read())") == 0.0
+
+
+@needs_box
+@pytest.mark.parametrize("what", ["ssh", "proc_environ", "run_dir"])
+def test_sandbox_cannot_read_outside_its_box(what, tmp_path):
+    run_dir = tmp_path / "runs" / "demo"
+    run_dir.mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text("name: demo\n")
+    code = {
+        "ssh": f"import os\nprint(os.listdir({os.path.expanduser('~/.ssh')!r}))",
+        "proc_environ": "print(open('/proc/1/environ').read())",
+        "run_dir": f"print(open({str(run_dir / 'recipe.yaml')!r}).read())",
+    }[what]
+    assert _escape_scores(code) == 0.0
+
+
+@needs_box
+def test_sandbox_drops_every_capability():
+    # capget's three sets, the bounding set, ambient capabilities and no_new_privs, seen from inside.
+    r = run_python(textwrap.dedent("""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+        data = (ctypes.c_uint32 * 6)()
+        assert libc.capget(header, data) == 0
+        bounding = [c for c in range(64) if libc.prctl(23, c, 0, 0, 0) == 1]  # PR_CAPBSET_READ
+        ambient = [c for c in range(64) if libc.prctl(47, 1, c, 0, 0) == 1]   # PR_CAP_AMBIENT_IS_SET
+        print(list(data), bounding, ambient, libc.prctl(39, 0, 0, 0, 0))      # PR_GET_NO_NEW_PRIVS
+    """))
+    assert r.ok, r.stderr
+    assert r.stdout == "[0, 0, 0, 0, 0, 0] [] [] 1\n"
 
 
 @pytest.fixture
@@ -491,11 +561,10 @@ def _no_connection(srv: socket.socket) -> bool:
     return False
 
 
+@needs_box
 @pytest.mark.parametrize("module", ["socket", "_socket"])
 @pytest.mark.parametrize("host", ["127.0.0.1", "192.0.2.1"])  # loopback; TEST-NET-1, never routed
 def test_sandbox_has_no_network(listener, module, host):
-    if module == "_socket" and "no network namespace" in _sandbox_warnings():
-        pytest.skip("no network namespace here: raw sockets bypass the socket guard")
     port = listener.getsockname()[1] if host == "127.0.0.1" else 80
     r = run_python(textwrap.dedent(f"""
         import {module} as s
