@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -475,16 +476,21 @@ class PPOTrainer:
     # -------------------------------------------------------------- checkpoints
 
     def save(self, folder: Path) -> None:
-        """policy/ (adapter or full weights, HF format), value_head.pt or critic/, state.pt (optimizer,
-        scheduler, update count, KL coefficient, RNG states), written to a temporary folder, then renamed."""
+        """policy/ (adapter or full weights, HF format), value_head.safetensors or critic/, state.pt
+        (optimizer, scheduler, update count, KL coefficient, RNG states: tensors and plain data only, so
+        `load` reads it with `weights_only=True`), written to a temporary folder, then renamed."""
+        from safetensors.torch import save_file
+
         tmp = folder.with_name("tmp-" + folder.name)
         shutil.rmtree(tmp, ignore_errors=True)
         self.roles.policy.save_pretrained(tmp / "policy")
         if self.roles.value_head is not None:
-            torch.save(self.roles.value_head.state_dict(), tmp / "value_head.pt")
+            save_file(self.roles.value_head.state_dict(), tmp / "value_head.safetensors")
         else:
             self.roles.critic.save_pretrained(tmp / "critic")
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        rng = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+               "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save({"update": self.update, "optimizer": self.optimizer.state_dict(), "rng": rng,
                     "scheduler": self.scheduler.state_dict(), "kl_coef": self.kl_ctl.kl_coef}, tmp / "state.pt")
@@ -492,18 +498,34 @@ class PPOTrainer:
         os.replace(tmp, folder)
 
     def load(self, folder: Path) -> None:
-        """Restore what `save` wrote; push the restored policy into the engine."""
+        """Restore what `save` wrote; push the restored policy into the engine.
+
+        Nothing here can run code from the folder: weights come from safetensors, `state.pt` is read
+        with `weights_only=True` (tensors, numbers, strings, lists, tuples, dicts).
+
+        Raises:
+            RuntimeError: `state.pt` holds anything else (a planted pickle or a foreign file), naming it.
+        """
+        from safetensors.torch import load_file
+
         _load_weights(self.roles.policy, folder / "policy")
         if self.roles.value_head is not None:
-            self.roles.value_head.load_state_dict(torch.load(folder / "value_head.pt", map_location=self.device))
+            self.roles.value_head.load_state_dict(load_file(folder / "value_head.safetensors", device=str(self.device)))
         else:
             _load_weights(self.roles.critic, folder / "critic")
-        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)  # our own file
+        try:
+            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            reason = str(e).strip().splitlines()[0]
+            raise RuntimeError(f"{folder / 'state.pt'}: refused to load: it holds more than tensors and plain data "
+                               f"({reason}). alignkit never unpickles code from a run directory; delete {folder} "
+                               f"to resume from an earlier checkpoint, or rerun the stage with --force") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.update, self.kl_ctl.kl_coef = state["update"], state["kl_coef"]
         random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        name, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])

@@ -209,6 +209,30 @@ def test_resumed_loop_repeats_the_uninterrupted_one(tmp_path):
             assert have[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
 
 
+class _Payload:
+    """Unpickling this runs `exec(code)`: what a planted checkpoint file would carry."""
+
+    def __init__(self, code: str):
+        self.code = code
+
+    def __reduce__(self):
+        return exec, (self.code,)
+
+
+def test_resume_never_unpickles_code_from_the_run_directory(tmp_path):
+    trainer = toy_trainer(seed=2, max_steps=2)
+    trainer.step(toy_prompts(0), share_of_sevens)
+    folder = tmp_path / "checkpoint-1"
+    trainer.save(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["policy", "state.pt", "value_head.safetensors"]
+    marker = tmp_path / "pwned"
+    planted = {"update": 1, "optimizer": _Payload(f"open({str(marker)!r}, 'w').write('ran')")}
+    torch.save(planted, folder / "state.pt")  # torch.save pickles, so _Payload.__reduce__ is kept
+    with pytest.raises(RuntimeError, match=r"state\.pt: refused to load.*never unpickles code"):
+        toy_trainer(seed=2, max_steps=2).load(folder)
+    assert not marker.exists()
+
+
 def test_every_logged_key_is_declared_in_the_vocabulary():
     trainer = toy_trainer(seed=0, max_steps=1, dual_clip=3.0)
     logged = trainer.step(toy_prompts(0), share_of_sevens).metrics
