@@ -13,8 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,27 +58,56 @@ def read_json(path: Path) -> Optional[dict]:
         return None
 
 
+TAKEOVER_WAIT_S = 10.0  # how long a rerun waits for the stages of a dead run to be stopped by their watchdogs
+_held_locks: dict[Path, int] = {}  # run dir -> the lock's descriptor, passed to the stages we launch (pass_fds)
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
-    """Hold run_dir/.lock for the whole run; a second run on the same directory is refused."""
+    """Hold run_dir/.lock for the whole run; a second run on the same directory is refused.
+
+    The lock (an flock) is shared with every stage process `_launch` starts, so it is held while any
+    process that writes the run directory lives, even after its orchestrator died. The file names the
+    orchestrator's pid and is emptied on a clean exit. When that pid is dead but the lock is held, the
+    rerun waits up to `TAKEOVER_WAIT_S` for the dead run's stages to go (their watchdogs kill them),
+    then takes the lock over and says so.
+
+    Raises:
+        RunLocked: a live run (or a stage of one) holds the lock; names its pids.
+    """
+    from alignment.procs import alive, describe, holders
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(run_dir / ".lock", "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        pid = fh.read().strip() or "?"
-        fh.close()
-        raise RunLocked(f"another alignkit run (pid {pid}) is using {run_dir}; wait for it to finish or stop it") from None
+    path = run_dir / ".lock"
+    fh = open(path, "a+")
+    fh.seek(0)
+    previous = fh.read().strip()
+    deadline = time.monotonic() + TAKEOVER_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if (previous.isdigit() and alive(int(previous))) or time.monotonic() > deadline:
+                held_by = ", ".join(describe(pid) for pid in holders(path) if pid != os.getpid()) or previous or "?"
+                fh.close()
+                raise RunLocked(f"another alignkit run is using {run_dir} (held by pid {held_by}); "
+                                f"wait for it to finish or stop it") from None
+            time.sleep(0.2)
+    if previous and previous != str(os.getpid()):
+        print(f"alignkit: the previous run on {run_dir} (pid {previous}) ended without releasing its lock and none "
+              f"of its processes is left; taking the lock over", file=sys.stderr)
     fh.seek(0)
     fh.truncate()
     fh.write(str(os.getpid()))
     fh.flush()
+    _held_locks[run_dir.resolve()] = fh.fileno()
     try:
         yield
     finally:
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
+        del _held_locks[run_dir.resolve()]
+        fh.truncate(0)  # a clean exit: the next run need not take anything over
+        fh.close()  # no LOCK_UN: that would also release it for a stage still holding the shared descriptor
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -243,15 +270,13 @@ class Pipeline:
         return cmd + list(launch.extra_args) + entry
 
     def _launch(self, name: str) -> int:
-        proc = subprocess.Popen(self.command(name), start_new_session=True)
+        """Run the stage's child and wait for it. The child (and all it starts) holds the run lock and dies
+        with this process, however this process ends (`alignment.procs`); Ctrl-C stops it, then re-raises."""
+        from alignment import procs
+
+        proc = procs.spawn(self.command(name), pass_fds=[_held_locks[self.run_dir.resolve()]])
         try:
-            return proc.wait()
+            return procs.wait(proc)
         except KeyboardInterrupt:
-            # stop the whole child group (accelerate spawns workers), then report as cut off
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            procs.stop(proc)  # the whole child group (accelerate spawns workers), then report as cut off
             raise

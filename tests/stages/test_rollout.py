@@ -259,9 +259,8 @@ def _reload_without_repack(engine, model):
         folder = engine.weights_dir / "plain"
         folder.mkdir(exist_ok=True)
         save_file(policy_state_dict(model), str(folder / "model.safetensors"))
-        rollout._http(f"{engine.url}/collective_rpc",
-                      {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}})
-        rollout._http(f"{engine.url}/reset_prefix_cache", {})
+        engine._http("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}})
+        engine._http("/reset_prefix_cache", {})
 
 
 def test_vllm_follows_a_change_to_the_tied_embedding_alone(vllm_engine, model_path, prompts):

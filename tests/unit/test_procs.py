@@ -1,0 +1,127 @@
+"""Process lifetime: a spawned group dies with its parent however the parent dies; the run lock is held
+by every process that writes the run directory, and taken over (saying so) once all of them are gone."""
+from __future__ import annotations
+
+import doctest
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from alignment import pipeline, procs
+from alignment.pipeline import RunLocked, run_lock
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_docstring_examples():
+    assert doctest.testmod(procs).failed == 0
+
+
+def wait_gone(pids: list[int], timeout: float = 5) -> list[int]:
+    """The pids still alive after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(procs.alive(p) for p in pids):
+        time.sleep(0.05)
+    return [p for p in pids if procs.alive(p)]
+
+
+@pytest.mark.parametrize("how", ["sigkill", "exception"])
+def test_spawned_group_dies_with_its_parent(how):
+    # The parent spawns `sh`, which starts a grandchild in the same group, prints both pids, then the
+    # parent dies: by SIGKILL from outside, or by an uncaught exception (no cleanup runs either way).
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import subprocess, sys, time
+        from alignment import procs
+        child = procs.spawn(["sh", "-c", "sleep 600 & echo $$ $!; wait"], stdout=subprocess.PIPE)
+        print(child.stdout.readline().decode().strip(), flush=True)
+        if {how == "exception"}:
+            raise SystemExit("boom")
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": REPO})
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    assert len(pids) == 2 and all(procs.alive(p) for p in pids)
+    if how == "sigkill":
+        parent.kill()
+    parent.wait()
+    assert wait_gone(pids, timeout=3) == []
+
+
+def test_stop_ends_the_whole_group_and_the_watchdog():
+    child = procs.spawn(["sh", "-c", "sleep 600 & echo $!; wait"], stdout=subprocess.PIPE)
+    grandchild = int(child.stdout.readline())
+    watchdog = procs._watchdogs[child.pid]
+    procs.stop(child, grace_s=5)
+    child.stdout.close()
+    assert child.returncode == -signal.SIGTERM
+    assert wait_gone([grandchild, watchdog.pid]) == [] and watchdog.returncode is not None
+
+
+def _holder(lock: os.PathLike) -> subprocess.Popen:
+    """A process holding an flock on `lock` (as a stage that inherited the orchestrator's lock does)."""
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, time
+        fh = open({str(lock)!r}, "a+")
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        print("locked", flush=True)
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"locked\n"
+    return proc
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_run_lock_refuses_while_a_stage_of_a_dead_run_lives(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".lock").write_text(str(_dead_pid()))  # its orchestrator is gone ...
+    stage = _holder(run_dir / ".lock")  # ... but a stage of it still holds the lock
+    monkeypatch.setattr(pipeline, "TAKEOVER_WAIT_S", 0.5)
+    try:
+        with pytest.raises(RunLocked, match=rf"held by pid {stage.pid} \(.*python"):
+            with run_lock(run_dir):
+                pass
+    finally:
+        stage.kill()
+        stage.wait()
+
+
+def test_run_lock_takes_over_once_the_dead_runs_processes_are_gone(tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dead = _dead_pid()
+    (run_dir / ".lock").write_text(str(dead))
+    stage = _holder(run_dir / ".lock")
+    killer = subprocess.Popen(["sh", "-c", f"sleep 1; kill -9 {stage.pid}"])  # its watchdog, in effect
+    start = time.monotonic()
+    with run_lock(run_dir):
+        assert time.monotonic() - start >= 0.9  # waited for the stage rather than running beside it
+        assert (run_dir / ".lock").read_text() == str(os.getpid())
+    killer.wait()
+    stage.wait()
+    assert f"(pid {dead}) ended without releasing its lock" in capfd.readouterr().err
+    assert (run_dir / ".lock").read_text() == ""  # released cleanly: the next run takes nothing over
+
+
+def test_run_lock_is_inherited_by_launched_stages(tmp_path):
+    run_dir = tmp_path / "run"
+    with run_lock(run_dir):
+        fd = pipeline._held_locks[run_dir.resolve()]
+        child = procs.spawn(["sleep", "600"], pass_fds=[fd])
+    # The orchestrator let go; its stage still holds the lock, so a second run cannot take it.
+    with open(run_dir / ".lock", "a+") as fh:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    procs.stop(child, grace_s=5)
+    with open(run_dir / ".lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
