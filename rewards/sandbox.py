@@ -31,6 +31,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -277,7 +278,8 @@ def _run(code: str, *, timeout_s: float, cpu_s: int, memory_mb: int, max_procs: 
                              time.monotonic() - start)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-        os.rmdir(root)
+        with contextlib.suppress(OSError):
+            os.rmdir(root)  # never rmtree: were the child's mounts ever visible here, it would recurse into them
 
 
 def _read(f, limit: int) -> str:

@@ -27,6 +27,10 @@ from rewards.model import reward_model, set_stage_model_loader
 from rewards.sandbox import MARKER, isolation_error, run_python
 
 
+needs_box = pytest.mark.skipif(isolation_error() is not None,
+                               reason=f"this machine cannot build the sandbox: {isolation_error()}")
+
+
 def chat(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
@@ -350,6 +354,7 @@ def test_extract_code_prefers_last_python_block():
     assert extract_code("no code") is None
 
 
+@needs_box
 def test_code_exec_pass_fail_and_not_applicable():
     wrong = SOLUTION.replace("a + b", "a - b")
     completions = [SOLUTION, chat(SOLUTION), wrong, "no code block", SOLUTION]
@@ -357,6 +362,7 @@ def test_code_exec_pass_fail_and_not_applicable():
     assert code_exec(None, completions, tests=tests) == [1.0, 1.0, 0.0, 0.0, None]
 
 
+@needs_box
 def test_code_exec_early_exit_does_not_pass():
     hack = "```python\nimport sys\ndef add(a, b):\n    return 0\nsys.exit(0)\n```"
     hack2 = "```python\nimport os\nos._exit(0)\n```"
@@ -387,6 +393,7 @@ def sentinel():
     proc.wait()
 
 
+@needs_box
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_code_exec_hostile_programs_score_zero(name, sentinel):
     if name in ("fork_bomb", "kill_parent") and os.geteuid() != 0:
@@ -402,6 +409,7 @@ def test_code_exec_hostile_programs_score_zero(name, sentinel):
 # ---------------------------------------------------------------- the sandbox itself
 
 
+@needs_box
 def test_sandbox_runs_code_and_cleans_up():
     r = run_python("import os\nprint(sorted(os.listdir('.')), os.getcwd())")
     assert r.ok and r.returncode == 0 and not r.timed_out
@@ -410,12 +418,14 @@ def test_sandbox_runs_code_and_cleans_up():
     assert not os.path.exists(workdir)
 
 
+@needs_box
 def test_sandbox_wall_clock_timeout():
     r = run_python("import time\ntime.sleep(60)", timeout_s=1)
     assert r.timed_out and not r.ok and r.returncode == -signal.SIGKILL
     assert r.duration_s < 3
 
 
+@needs_box
 def test_sandbox_cpu_limit():
     r = run_python("while True:\n    pass", timeout_s=4, cpu_s=1)
     assert not r.ok
@@ -424,22 +434,26 @@ def test_sandbox_cpu_limit():
     assert r.duration_s < 5
 
 
+@needs_box
 def test_sandbox_memory_limit():
     r = run_python("x = bytearray(10 * 1024 ** 3)\nprint('allocated')", memory_mb=256)
     assert not r.ok and "MemoryError" in r.stderr and "allocated" not in r.stdout
 
 
+@needs_box
 def test_sandbox_output_is_capped():
     r = run_python("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", max_output_bytes=100_000)
     assert not r.ok and len(r.stdout) <= 100_000
 
 
+@needs_box
 def test_sandbox_hides_trainer_environment(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     r = run_python("import os\nprint(os.environ.get('HF_TOKEN'))")
     assert r.stdout == "None\n"
 
 
+@needs_box
 @pytest.mark.skipif(os.geteuid() != 0, reason="only bounded when the sandbox drops root")
 def test_sandbox_fork_bomb_is_bounded_and_killed():
     # Every child leaves the process group (setsid) and reports its pid; none may survive.
@@ -467,10 +481,6 @@ def test_sandbox_fork_bomb_is_bounded_and_killed():
         except (OSError, StopIteration):
             continue  # gone
         assert "Z" in state or MARKER.encode() not in cmdline, f"sandbox process {pid} survived"
-
-
-needs_box = pytest.mark.skipif(isolation_error() is not None,
-                               reason=f"this machine cannot build the sandbox: {isolation_error()}")
 
 
 def _escape_scores(code: str) -> float:
@@ -522,6 +532,13 @@ def test_sandbox_cannot_read_outside_its_box(what, tmp_path):
         "run_dir": f"print(open({str(run_dir / 'recipe.yaml')!r}).read())",
     }[what]
     assert _escape_scores(code) == 0.0
+
+
+def test_code_exec_stops_rather_than_run_code_unboxed(monkeypatch):
+    # Where the machine refuses the namespaces, nothing runs and training stops with the reason.
+    monkeypatch.setattr(rewards.sandbox, "isolation_error", lambda python: "cannot create namespaces (EPERM)")
+    with pytest.raises(rewards.sandbox.SandboxUnavailable, match="EPERM"):
+        code_exec(None, [SOLUTION], tests=[TESTS])
 
 
 @needs_box
