@@ -11,7 +11,7 @@ cispo, ...) and the KL `beta` (reference = the `from` model) come through `args`
 from __future__ import annotations
 
 from alignment.recipe import RolloutConfig
-from alignment.stages import StageContext, StageResult, stage
+from alignment.stages import StageContext, StageResult, stage, trainer_defaults
 
 
 def _config():
@@ -64,21 +64,30 @@ class Rollouts:
             self.engine.close()
 
 
-@stage("grpo", config=_config, formats=("prompt",), check=_check)
+def _defaults(recipe, name):
+    """GRPOConfig from the stage's `rollout:` and `rewards:`; a batch of two prompts' groups per device."""
+    spec = recipe.stages[name]
+    rollout = spec.rollout
+    return {
+        **trainer_defaults(recipe, name),
+        "num_generations": rollout.num_generations, "max_completion_length": rollout.max_new_tokens,
+        "temperature": max(rollout.temperature, 1e-3), "top_p": rollout.top_p, "top_k": rollout.top_k,
+        "reward_weights": [r.weight for r in spec.rewards],
+        "per_device_train_batch_size": 2 * rollout.num_generations, "log_completions": False,
+    }
+
+
+@stage("grpo", config=_config, formats=("prompt",), check=_check, defaults=_defaults, generates=True)
 def run(ctx: StageContext) -> StageResult:
     from trl import GRPOConfig, GRPOTrainer
 
     from rewards import combine_rewards
 
     spec = ctx.spec
-    cfg = spec.rollout or RolloutConfig()
-    funcs, weights = combine_rewards([{"name": r.name, "weight": r.weight, **(r.model_extra or {})} for r in spec.rewards])
+    cfg = spec.rollout
+    funcs, _ = combine_rewards([{"name": r.name, "weight": r.weight, **(r.model_extra or {})} for r in spec.rewards])
     tokenizer = ctx.tokenizer()
-    args = ctx.trl_config(
-        GRPOConfig, num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
-        temperature=max(cfg.temperature, 1e-3), top_p=cfg.top_p, top_k=cfg.top_k, reward_weights=weights,
-        per_device_train_batch_size=2 * cfg.num_generations, log_completions=False,
-    )
+    args = ctx.trl_config(GRPOConfig)
     rollouts = Rollouts(ctx, cfg, tokenizer)
     trainer = GRPOTrainer(
         model=ctx.load_model(), reward_funcs=funcs, args=args, train_dataset=ctx.dataset(),

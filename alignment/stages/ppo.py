@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import random
 import shutil
@@ -31,9 +30,8 @@ from alignment.algos import (
     compute_gae, compute_kl, compute_token_rewards, compute_value_loss, entropy_from_logits, logprobs_from_logits,
     masked_mean, masked_var, masked_whiten, truncate_after_stop,
 )
-from alignment.recipe import RolloutConfig
 from alignment.rollout import Completion, SamplingConfig
-from alignment.stages import StageContext, StageResult, reward_trend, stage, truncate_metrics
+from alignment.stages import StageContext, StageResult, reward_trend, stage
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -145,7 +143,7 @@ def _check(recipe, name):
     if not spec.rewards:
         problems.append(Problem(where + ("rewards",), "ppo needs at least one reward, e.g. rewards: "
                                 "[{name: reward_model, stage: rm}]"))
-    rollout = spec.rollout or RolloutConfig()
+    rollout = spec.rollout
     if rollout.temperature == 0:
         problems.append(Problem(where + ("rollout", "temperature"), "ppo samples: temperature must be > 0"))
     if rollout.top_k != 0 or rollout.top_p != 1:
@@ -635,10 +633,10 @@ def _setup_roles(ctx: StageContext, cfg: PPOConfig) -> Roles:
 def _load_critic(ctx: StageContext):
     """A sequence-classification model from the first `reward_model` reward's stage (N+, Stiennon et al.),
     else from the policy's start weights with a zero head (NB Policy 2)."""
-    from alignment.models import full_weights, load_model
+    from alignment.models import load_model
 
     rm_stages = [r.model_extra["stage"] for r in ctx.spec.rewards if r.name == "reward_model"]
-    path = str(full_weights(ctx.run_dir / rm_stages[0] / "model")) if rm_stages else ctx.start_path()
+    path = ctx.weights(rm_stages[0]) if rm_stages else ctx.start_path()
     critic = load_model(path, ctx.model_cfg, head="sequence_classification")
     if not rm_stages:
         torch.nn.init.zeros_(critic.score.weight)
@@ -713,14 +711,18 @@ def _prompt_text(prompt) -> str:
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
-@stage("ppo", config=lambda: PPOConfig, formats=("prompt",), check=_check)
+def _defaults(recipe, name):
+    return {"seed": recipe.seed}
+
+
+@stage("ppo", config=lambda: PPOConfig, formats=("prompt",), check=_check, defaults=_defaults, generates=True)
 def run(ctx: StageContext) -> StageResult:
-    from alignment.models import save_artifact
     from alignment.rollout import encode_prompts, make_engine
     from rewards import combine_rewards
 
-    cfg = PPOConfig(**{"seed": ctx.recipe.seed, **ctx.spec.args})
-    rollout = ctx.spec.rollout or RolloutConfig()
+    cfg = PPOConfig(**ctx.args)
+    ctx.trainer_config = dataclasses.asdict(cfg)
+    rollout = ctx.spec.rollout
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise RuntimeError("the ppo stage runs in one process; set launch.num_processes: 1 for it")
     random.seed(cfg.seed)
@@ -748,7 +750,7 @@ def run(ctx: StageContext) -> StageResult:
     if resume:
         print(f"alignkit: resuming {ctx.name} from {Path(resume).name}", flush=True)
         trainer.load(Path(resume))
-        truncate_metrics(ctx.metrics_file, trainer.update)
+        ctx.rundir.truncate_metrics(ctx.name, trainer.update)
 
     progress, started, stats = _Progress(ctx.name, cfg.max_steps, trainer.update), time.time(), None
     try:
@@ -758,8 +760,7 @@ def run(ctx: StageContext) -> StageResult:
                                  _reward_fn(funcs, weights, rows, rollout.num_generations))
             step = trainer.update
             if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-                with open(ctx.metrics_file, "a") as fh:
-                    fh.write(json.dumps({"step": step, "time": round(time.time(), 3), **stats.metrics}) + "\n")
+                ctx.rundir.append_metrics(ctx.name, step, stats.metrics)
             progress.update(step, stats.metrics)
             if step % cfg.sample_steps == 0 or step == 1:
                 cut = "" if stats.sample.finish_reason == "stop" else ", no EOS"
@@ -771,9 +772,9 @@ def run(ctx: StageContext) -> StageResult:
         progress.stop()
         engine.close()
 
-    save_artifact(policy, tokenizer, ctx.model_dir, base=ctx.start_path(), head="causal_lm")
+    ctx.save_model(policy, tokenizer)
     final = {k: stats.metrics[k] for k in ("reward/mean", "kl/ref", "value/explained_var")} if stats else {}
-    return StageResult(metrics={**final, **reward_trend(ctx.metrics_file), "updates": trainer.update,
+    return StageResult(metrics={**final, **reward_trend(ctx.rundir.read_metrics(ctx.name)), "updates": trainer.update,
                                 "train_runtime": round(time.time() - started, 1)},
                        info={"rollout_backend": engine.name})
 
@@ -782,9 +783,8 @@ def _save_checkpoint(ctx: StageContext, trainer: PPOTrainer, step: int, keep: in
     """checkpoint-<update>, keeping the newest `keep`. Test hook as ProgressCallback's:
     ALIGNKIT_FAULT_KILL_AFTER_SAVE=N kills this process (SIGKILL) after saving update >= N."""
     ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    trainer.save(ctx.checkpoint_dir / f"checkpoint-{step}")
-    saved = sorted(ctx.checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    for old in saved[:-keep]:
+    trainer.save(ctx.rundir.checkpoint(ctx.name, step))
+    for old in ctx.rundir.checkpoints(ctx.name)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     kill_at = os.environ.get("ALIGNKIT_FAULT_KILL_AFTER_SAVE")
     if kill_at and step >= int(kill_at):

@@ -7,7 +7,7 @@ plain `text`. Adapters (LoRA / DoRA / rsLoRA) and QLoRA come from the recipe's `
 """
 from __future__ import annotations
 
-from alignment.stages import StageContext, StageResult, stage
+from alignment.stages import StageContext, StageResult, stage, trainer_defaults
 
 
 def _config():
@@ -16,13 +16,17 @@ def _config():
     return SFTConfig
 
 
-@stage("sft", config=_config, formats=("messages", "prompt_completion", "text"))
+def _defaults(recipe, name):
+    return {**trainer_defaults(recipe, name), "max_length": 1024}  # tokens per example; longer ones are cut
+
+
+@stage("sft", config=_config, formats=("messages", "prompt_completion", "text"), defaults=_defaults)
 def run(ctx: StageContext) -> StageResult:
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = ctx.tokenizer()
     train = ctx.dataset()
-    args = ctx.trl_config(SFTConfig, max_length=1024)
+    args = ctx.trl_config(SFTConfig)
     trainer = SFTTrainer(
         model=ctx.load_model(),
         args=args,
