@@ -25,16 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.stages import STAGES, StageContext, load_stages
 
     transformers.logging.set_verbosity_warning()
-    rundir = RunDir(run_dir)
-    recipe = rundir.read_recipe()
+    recipe = RunDir(run_dir).read_recipe()
     load_stages()
     transformers.set_seed(recipe.seed + int(os.environ.get("RANK", 0)) * 100003)
     ctx = StageContext(recipe=recipe, name=name, run_dir=run_dir)
     _install_reward_model_loader(ctx)
-    rundir.stage_dir(name).mkdir(parents=True, exist_ok=True)
+    ctx.rundir.stage_dir(name).mkdir(parents=True, exist_ok=True)
     result = STAGES.get(recipe.stages[name].method)(ctx)
     if int(os.environ.get("RANK", 0)) == 0:
-        rundir.write_result(name, {"metrics": result.metrics, "info": result.info, "trainer_config": ctx.trainer_config})
+        ctx.rundir.write_result(name, {"metrics": result.metrics, "info": result.info,
+                                       "trainer_config": ctx.trainer_config})
     return 0
 
 

@@ -167,7 +167,11 @@ class StageContext:
         return config
 
     def callbacks(self) -> list:
-        return [MetricsCallback(self.rundir, self.name), ProgressCallback(self.name)]
+        return [MetricsCallback(self), ProgressCallback(self.name)]
+
+    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        """Append one row {"step", "time", **metrics} (numbers only) to the stage's metrics (rank 0 calls it)."""
+        self.rundir.append_metrics(self.name, step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
     def train(self, trainer) -> dict:
         """trainer.train(), resuming from the last checkpoint when there is one."""
@@ -227,14 +231,12 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 class MetricsCallback(TrainerCallback):
     """Appends one row per logging step to the stage's metrics (read by the report)."""
 
-    def __init__(self, rundir: RunDir, name: str):
-        self.rundir, self.name = rundir, name
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        self.rundir.append_metrics(self.name, state.global_step,
-                                   {k: v for k, v in logs.items() if isinstance(v, (int, float))})
+        if state.is_world_process_zero and logs:
+            self.ctx.log_metrics(state.global_step, logs)
 
 
 class ProgressCallback(TrainerCallback):

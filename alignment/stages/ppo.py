@@ -760,7 +760,7 @@ def run(ctx: StageContext) -> StageResult:
                                  _reward_fn(funcs, weights, rows, rollout.num_generations))
             step = trainer.update
             if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-                ctx.rundir.append_metrics(ctx.name, step, stats.metrics)
+                ctx.log_metrics(step, stats.metrics)
             progress.update(step, stats.metrics)
             if step % cfg.sample_steps == 0 or step == 1:
                 cut = "" if stats.sample.finish_reason == "stop" else ", no EOS"
