@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     load_stages()
     transformers.set_seed(recipe.seed + int(os.environ.get("RANK", 0)) * 100003)
     ctx = StageContext(recipe=recipe, name=name, run_dir=run_dir)
-    _install_reward_model_loader(ctx)
+    _install_reward_model_loader(run_dir)
     ctx.rundir.stage_dir(name).mkdir(parents=True, exist_ok=True)
     result = STAGES.get(recipe.stages[name].method)(ctx)
     if int(os.environ.get("RANK", 0)) == 0:
@@ -38,12 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _install_reward_model_loader(ctx) -> None:
-    """`rewards: [{name: reward_model, stage: rm}]` scores with this run's `rm` model (full weights)."""
+def _install_reward_model_loader(run_dir: Path) -> None:
+    """`rewards: [{name: reward_model, stage: rm}]` scores with this run's `rm` artifact."""
     from alignment.models import RewardScorer
+    from alignment.rundir import RunDir
     from rewards.model import set_stage_model_loader
 
-    set_stage_model_loader(lambda stage: RewardScorer.load(ctx.weights(stage)))
+    rundir = RunDir(run_dir)
+    set_stage_model_loader(lambda stage: RewardScorer.load(rundir.model_dir(stage)))
 
 
 if __name__ == "__main__":
