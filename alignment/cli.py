@@ -24,7 +24,8 @@ RunDirOpt = typer.Option("runs", "--run-dir", help="parent folder of run directo
 def _load(path: Path, *, check_data: bool = False):
     """Load a recipe; on a bad recipe or bad data print one clear error and exit 2."""
     from alignment.data import DataError
-    from alignment.recipe import RecipeError, load_recipe
+    from alignment.recipe import RecipeError
+    from alignment.validate import load_recipe
 
     from rewards import add_recipe_folder
 
@@ -116,13 +117,15 @@ def _headline(metrics: dict) -> str:
 
 
 def _summary(rows: list[dict], run_dir: Path) -> None:
+    from alignment.rundir import RunDir
+
     table = Table(title="summary", title_justify="left")
     for col in ("stage", "method", "status", "time", "final", "artifact"):
         table.add_column(col)
     for r in rows:
         final = _headline(r["metrics"])
         table.add_row(r["stage"], r["method"], r["status"], f"{r['seconds']:.0f}s" if r["seconds"] else "-",
-                      final, str(run_dir / r["stage"] / "model"))
+                      final, str(RunDir(run_dir).model_dir(r["stage"])))
     console.print(table)
     console.print(f"run directory: [bold]{run_dir}[/]")
 

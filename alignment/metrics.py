@@ -3,7 +3,7 @@ unit and report panel (STYLE section 9: `group/name[/stat]`, snake_case).
 
 Keys every Hugging Face Trainer logs keep HF's names (`loss`, `grad_norm`, `learning_rate`); the RL keys
 follow STYLE section 9, and TRL's names for the same quantities are renamed where they enter
-(`MetricsCallback` calls `rename`), from `TRL_NAMES`; the preference methods' own keys (`rewards/margins`,
+(`StageCallback` calls `rename`), from `TRL_NAMES`; the preference methods' own keys (`rewards/margins`,
 ...) have no second name and keep TRL's. A key a trainer logs that is not declared here (TRL adds some
 between versions) is written under its own name; nothing reads it. The report, the CLI summary, the
 progress bars and the benchmarks read declared names only.

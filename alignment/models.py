@@ -1,10 +1,11 @@
 """Model and tokenizer loading: hub id, local folder or `bundled:NAME`; dtype, bitsandbytes
 quantization, peft adapters (LoRA / DoRA / rsLoRA), and the stage artifacts built from them.
 
-A stage's artifact (`STAGE/model/`) is either full weights or an adapter over a base folder.
-`full_weights()` gives a folder of full weights for any artifact, merging an adapter once into
-`STAGE/merged/` (in 16/32-bit, never into quantized weights) -- the next stage, the evals and vLLM
-all read that folder, and a quantized next stage quantizes it again on load.
+A stage's artifact (`STAGE/model/`) is either full weights or an adapter over a base folder,
+described by its `alignkit_model.json` (`read_artifact`). `merge_adapter` merges an adapter into its
+base (in 32-bit, never into quantized weights); `alignment.rundir` writes artifacts and keeps the
+merged copy that the next stage, the evals and vLLM read (a quantized next stage quantizes it again
+on load).
 """
 from __future__ import annotations
 
@@ -215,68 +216,42 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, revision: Opti
 # ---------------------------------------------------------------- stage artifacts
 
 
-def save_artifact(model, tokenizer, out: Path, *, base: str, head: str = "causal_lm") -> None:
-    """Save a trained model (peft adapter or full weights) + tokenizer into `out`, atomically.
-
-    `base` is the full-weights folder the adapter was trained on (unused for full weights).
-    """
-    from peft import PeftModel
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    is_adapter = isinstance(model, PeftModel)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / ARTIFACT_FILE).write_text(json.dumps({"kind": "adapter" if is_adapter else "full", "base": base, "head": head}, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-
-
 def read_artifact(folder: Path) -> dict:
+    """An artifact's `alignkit_model.json`: kind (adapter | full), base (full weights under an adapter), head.
+    A folder without one is full causal-LM weights."""
     meta = Path(folder) / ARTIFACT_FILE
     if not meta.exists():
         return {"kind": "full", "base": None, "head": "causal_lm"}
     return json.loads(meta.read_text())
 
 
-def full_weights(model_dir: Path) -> Path:
-    """A folder with full weights for a stage artifact: `model/` itself, or `merged/` beside it
-    (the adapter merged into its base once, in float32, under a lock)."""
-    model_dir = Path(model_dir)
-    meta = read_artifact(model_dir)
-    if meta["kind"] == "full":
-        return model_dir
-    merged = model_dir.parent / "merged"
-    if (merged / ARTIFACT_FILE).exists():
-        return merged
-    with file_lock(model_dir.parent / "merged.lock"):
-        if not (merged / ARTIFACT_FILE).exists():
-            _merge_adapter(model_dir, merged, meta)
-    return merged
-
-
-def _merge_adapter(model_dir: Path, merged: Path, meta: dict) -> None:
+def merge_adapter(adapter_dir: Path):
+    """An adapter artifact merged into its base, in float32 and in memory: `(model, tokenizer)`.
+    Where a merged copy is kept on disk is the run directory's business (`alignment.rundir.full_weights`)."""
     import torch
     import transformers
     from peft import PeftModel
 
-    head_kwargs = HEAD_KWARGS.get(meta["head"], {})
-    base = getattr(transformers, HEADS[meta["head"]]).from_pretrained(meta["base"], dtype=torch.float32, **head_kwargs)
-    model = PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload()
-    tokenizer = load_tokenizer(str(model_dir))
+    meta = read_artifact(adapter_dir)
+    base = getattr(transformers, HEADS[meta["head"]]).from_pretrained(meta["base"], dtype=torch.float32,
+                                                                    **HEAD_KWARGS.get(meta["head"], {}))
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    tokenizer = load_tokenizer(str(adapter_dir))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    save_artifact(model, tokenizer, merged, base=meta["base"], head=meta["head"])
+    return model, tokenizer
 
 
 def load_pretrained(model_dir: Path | str, *, dtype="float32", head: Optional[str] = None):
-    """Load any stage artifact (or plain folder / hub id) as a ready model, adapters merged."""
+    """Load any stage artifact (an adapter is merged into its base in memory), plain folder or hub id as a
+    ready model; `head` defaults to the artifact's."""
     path = Path(model_dir)
-    if path.is_dir():
-        head = head or read_artifact(path)["head"]
-        path = full_weights(path)
-    cfg = ModelConfig(name_or_path=str(path), dtype=dtype)
-    return load_model(str(path), cfg, head=head or "causal_lm")
+    meta = read_artifact(path) if path.is_dir() else None
+    if meta is not None and meta["kind"] == "adapter":
+        model, _ = merge_adapter(path)
+        return model.to(torch_dtype(dtype))
+    cfg = ModelConfig(name_or_path=str(model_dir), dtype=dtype)
+    return load_model(str(model_dir), cfg, head=head or (meta["head"] if meta else "causal_lm"))
 
 
 REWARD_HEAD = "sequence_classification"  # the head of a `method: reward` stage's artifact

@@ -1,4 +1,4 @@
-"""The orchestrator: stage DAG, fingerprints, run directory, skip / resume, launching stages.
+"""The orchestrator: stage DAG, fingerprints, skip / resume, launching stages (files: `alignment.rundir`).
 
 Each stage runs in a child process (`python -m alignment.stage`, or under `accelerate launch`)
 so stages keep their memory apart and a kill means the same thing everywhere. A stage is skipped
@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from alignment.recipe import BASE, Recipe, dump_recipe
+from alignment.recipe import BASE, Recipe, stage_dependencies
+from alignment.rundir import RunDir
+from alignment.stages import effective_args
 
 VERSIONED = ("torch", "transformers", "trl", "peft")
 
@@ -32,30 +34,7 @@ class StageFailed(RuntimeError):
     """A stage's child process exited non-zero."""
 
 
-# ---------------------------------------------------------------- files
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON so that readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):
-        dirfd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(dirfd)
-        os.close(dirfd)
-
-
-def read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+# ---------------------------------------------------------------- lock
 
 
 TAKEOVER_WAIT_S = 10.0  # how long a rerun waits for the stages of a dead run to be stopped by their watchdogs
@@ -78,7 +57,7 @@ def run_lock(run_dir: Path):
     from alignment.procs import alive, describe, holders
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / ".lock"
+    path = RunDir(run_dir).lock_file
     fh = open(path, "a+")
     fh.seek(0)
     previous = fh.read().strip()
@@ -126,9 +105,9 @@ def versions() -> dict[str, str]:
 
 
 def stage_inputs(recipe: Recipe, name: str, fingerprints: dict[str, str]) -> dict:
-    """Everything that determines a stage's result; its hash is the stage's fingerprint."""
+    """Everything that determines a stage's result; its hash is the stage's fingerprint. `args` are the
+    effective ones (registered defaults included), so changing a default reruns the stage."""
     from alignment.data import dataset_digest
-    from alignment.recipe import stage_dependencies
 
     st = recipe.stages[name]
     return {
@@ -137,7 +116,7 @@ def stage_inputs(recipe: Recipe, name: str, fingerprints: dict[str, str]) -> dic
         "from_fingerprint": fingerprints.get(st.from_) if st.from_ != BASE else recipe.model.name_or_path,
         "model": recipe.stage_model(name).model_dump(mode="json"),
         "data": {r.name: {"weight": r.weight, "digest": dataset_digest(recipe.data[r.name])} for r in st.data},
-        "args": st.args,
+        "args": effective_args(recipe, name),
         "rewards": [r.model_dump(mode="json") for r in st.rewards],
         "rollout": st.rollout.model_dump(mode="json") if st.rollout else None,
         "depends_on": {d: fingerprints.get(d) for d in stage_dependencies(st)},
@@ -181,10 +160,8 @@ class Pipeline:
 
         self.recipe = recipe
         self.run_dir = Path(run_root).resolve() / recipe.name
+        self.rundir = RunDir(self.run_dir)
         self.console = console or Console(highlight=False)
-
-    def manifest_path(self, name: str) -> Path:
-        return self.run_dir / name / "manifest.json"
 
     def status(self) -> list[StageStatus]:
         """Each stage in order, with its fingerprint and whether it is done, resumable or to run."""
@@ -193,14 +170,14 @@ class Pipeline:
         for name in self.recipe.order():
             inputs = stage_inputs(self.recipe, name, fps)
             fp = fps[name] = fingerprint(inputs)
-            man = read_json(self.manifest_path(name))
+            man = self.rundir.read_manifest(name)
             method = self.recipe.stages[name].method
             if man is None:
                 out.append(StageStatus(name, method, fp, "new", inputs=inputs))
             elif man.get("fingerprint") != fp:
                 why = ", ".join(changed_keys(man.get("inputs", {}), inputs)) or "inputs"
                 out.append(StageStatus(name, method, fp, "stale", f"changed: {why}", inputs))
-            elif man.get("status") == "done" and (self.run_dir / name / "model").is_dir():
+            elif self.rundir.done(name):
                 out.append(StageStatus(name, method, fp, "done", inputs=inputs))
             else:
                 out.append(StageStatus(name, method, fp, "resume", man.get("status", ""), inputs))
@@ -211,7 +188,7 @@ class Pipeline:
         wanted = self.recipe.ancestors(only) if only else self.recipe.order()
         forced = {only} if (force and only) else (set(wanted) if force else set())
         with run_lock(self.run_dir):
-            (self.run_dir / "recipe.yaml").write_text(dump_recipe(self.recipe))
+            self.rundir.write_recipe(self.recipe)
             rows = []
             for st in self.status():
                 if st.name not in wanted:
@@ -220,40 +197,41 @@ class Pipeline:
             return rows
 
     def _run_stage(self, st: StageStatus, force: bool) -> dict:
-        stage_dir = self.run_dir / st.name
+        rundir, stage_dir = self.rundir, self.rundir.stage_dir(st.name)
         row = {"stage": st.name, "method": st.method, "seconds": 0.0, "metrics": {}}
         if st.state == "done" and not force:
-            man = read_json(self.manifest_path(st.name)) or {}
+            man = rundir.read_manifest(st.name) or {}
             self.console.print(f"[green]✓[/] {st.name} ({st.method}): done, skipped [dim](fingerprint {st.fingerprint})[/]")
             return {**row, "status": "skipped", "metrics": man.get("metrics", {})}
         if st.state == "stale" or force:
             why = "forced" if force else st.reason
             self.console.print(f"[yellow]↻[/] {st.name}: rerunning from scratch ({why})")
             shutil.rmtree(stage_dir, ignore_errors=True)
-        resumed = st.state == "resume" and not force and any((stage_dir / "checkpoints").glob("checkpoint-*"))
+        resumed = st.state == "resume" and not force and bool(rundir.checkpoints(st.name))
         stage_dir.mkdir(parents=True, exist_ok=True)
-        (stage_dir / "result.json").unlink(missing_ok=True)
+        rundir.clear_result(st.name)
         manifest = {
             "stage": st.name, "method": st.method, "status": "running", "fingerprint": st.fingerprint,
             "inputs": st.inputs, "versions": versions(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "resumed": resumed,
         }
-        write_json_atomic(self.manifest_path(st.name), manifest)
+        rundir.write_manifest(st.name, manifest)
         verb = "resuming" if resumed else "running"
         self.console.print(f"[bold cyan]▶[/] {verb} {st.name} ({st.method}, from {self.recipe.stages[st.name].from_})")
         start = time.time()
         code = self._launch(st.name)
         seconds = round(time.time() - start, 1)
-        result = read_json(stage_dir / "result.json")
-        if code != 0 or result is None or not (stage_dir / "model").is_dir():
+        result = rundir.read_result(st.name)
+        if code != 0 or result is None or not rundir.model_dir(st.name).is_dir():
             manifest.update(status="failed", exit_code=code, seconds=seconds)
-            write_json_atomic(self.manifest_path(st.name), manifest)
+            rundir.write_manifest(st.name, manifest)
             raise StageFailed(f"stage '{st.name}' failed (exit code {code}) after {seconds}s; see the output above. "
                               f"`alignkit run` again resumes it from its last checkpoint")
         manifest.update(status="done", seconds=seconds, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                        metrics=result["metrics"], info=result["info"], artifact=str(stage_dir / "model"))
-        write_json_atomic(self.manifest_path(st.name), manifest)
-        self.console.print(f"[green]✓[/] {st.name} done in {seconds}s → {stage_dir / 'model'}")
+                        metrics=result["metrics"], info=result["info"], trainer_config=result["trainer_config"],
+                        artifact=str(rundir.model_dir(st.name)))
+        rundir.write_manifest(st.name, manifest)
+        self.console.print(f"[green]✓[/] {st.name} done in {seconds}s → {rundir.model_dir(st.name)}")
         return {**row, "status": "resumed" if resumed else "ran", "seconds": seconds, "metrics": result["metrics"]}
 
     def command(self, name: str) -> list[str]:

@@ -3,6 +3,9 @@
 Strict pydantic models (`extra="forbid"`), one per section. YAML is loaded with line numbers so that
 every error names the file, the line, the key path and, for a misspelt key, the closest valid name.
 All problems are collected and raised once as a `RecipeError` (the CLI exits with code 2).
+
+This module is the schema alone: it imports no stage, reward or eval registry. `alignment.validate.load_recipe`
+loads a recipe for use (schema + cross-registry checks + registered defaults + absolute paths).
 """
 from __future__ import annotations
 
@@ -245,7 +248,8 @@ def _line_map(node, path=(), out=None) -> dict[tuple, int]:
     return out
 
 
-def _line_for(lines: dict[tuple, int], path: tuple) -> Optional[int]:
+def line_for(lines: dict[tuple, int], path: tuple) -> Optional[int]:
+    """The line of `path`, or of its closest parent key that has one."""
     for n in range(len(path), 0, -1):
         if path[:n] in lines:
             return lines[path[:n]]
@@ -305,17 +309,18 @@ def _pydantic_problems(err: ValidationError, lines) -> list[Problem]:
             msg = e["msg"]
             if "input" in e and not isinstance(e["input"], (dict, list)):
                 msg += f" (got {e['input']!r})"
-        problems.append(Problem(path, msg, _line_for(lines, path)))
+        problems.append(Problem(path, msg, line_for(lines, path)))
     return problems
 
 
-# ---------------------------------------------------------------- loading
+# ---------------------------------------------------------------- parsing
 
 
-def load_recipe(path: str | Path, *, check_args: bool = True) -> Recipe:
-    """Parse and validate a recipe file; relative data/launch paths become absolute.
+def parse_recipe(path: str | Path) -> tuple[Recipe, dict[tuple, int]]:
+    """Read a recipe file and check it against the schema only (no registries, no data, paths as written).
 
-    Raises RecipeError listing every problem found, each with file:line.
+    Returns the recipe and its line map (key path -> 1-based line) for later errors; `alignment.validate.load_recipe`
+    adds the cross-registry checks. Raises RecipeError listing every schema problem, each with file:line.
     """
     path = Path(path)
     file = str(path)
@@ -334,119 +339,9 @@ def load_recipe(path: str | Path, *, check_args: bool = True) -> Recipe:
         raise RecipeError(file, [Problem((), "a recipe is a YAML mapping (name:, model:, stages:, ...)", 1)])
     lines = _line_map(node)
     try:
-        recipe = Recipe.model_validate(raw)
+        return Recipe.model_validate(raw), lines
     except ValidationError as e:
         raise RecipeError(file, _pydantic_problems(e, lines)) from None
-    problems = check_recipe(recipe, check_args=check_args)
-    for p in problems:
-        p.line = p.line or _line_for(lines, p.path)
-    if problems:
-        raise RecipeError(file, problems)
-    _absolutize(recipe, path.parent.resolve())
-    return recipe
-
-
-def _absolutize(recipe: Recipe, base: Path) -> None:
-    for ds in recipe.data.values():
-        local = base / ds.path
-        if local.exists() or ds.path.startswith((".", "/")) or Path(ds.path).suffix in DATA_SUFFIXES:
-            ds.path = str(local.resolve())
-    for launch in [recipe.launch] + [s.launch for s in recipe.stages.values() if s.launch]:
-        if launch.accelerate_config:
-            cfg = base / launch.accelerate_config
-            launch.accelerate_config = str(cfg.resolve() if cfg.exists() else cfg)
-    name = recipe.model.name_or_path
-    if not name.startswith("bundled:") and (base / name).is_dir():
-        recipe.model.name_or_path = str((base / name).resolve())
-
-
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-
-
-def check_recipe(recipe: Recipe, *, check_args: bool = True) -> list[Problem]:
-    """Cross-field rules: stage references, cycles, data names, methods, TRL args, reward names."""
-    from alignment.stages import STAGES, load_stages
-
-    load_stages()
-    problems: list[Problem] = []
-    stages = recipe.stages
-    for name, st in stages.items():
-        where = ("stages", name)
-        if st.method not in STAGES:
-            problems.append(Problem(where + ("method",), f"unknown method '{st.method}'{did_you_mean(st.method, STAGES.names())}; known: {', '.join(STAGES.names())}"))
-        if st.from_ != BASE and st.from_ not in stages:
-            problems.append(Problem(where + ("from",), f"'{st.from_}' is not a stage of this recipe{did_you_mean(st.from_, list(stages) + [BASE])}; stages: {', '.join([BASE] + list(stages))}"))
-        for i, ref in enumerate(st.data):
-            if ref.name not in recipe.data:
-                problems.append(Problem(where + ("data", i), f"dataset '{ref.name}' is not defined under data:{did_you_mean(ref.name, recipe.data)}; defined: {', '.join(recipe.data) or 'none'}"))
-        for i, r in enumerate(st.rewards):
-            dep = (r.model_extra or {}).get("stage")
-            if r.name == "reward_model" and dep not in stages:
-                problems.append(Problem(where + ("rewards", i, "stage"), f"reward_model needs `stage:` naming a reward stage of this recipe (got {dep!r})"))
-        if st.method in STAGES:
-            method = STAGES.get(st.method)
-            if check_args and method.config_class is not None:
-                problems += _check_args(method.config_class(), st.args, where + ("args",))
-            problems += method.check(recipe, name) if method.check else []
-    if not problems:
-        try:
-            recipe.order()
-        except graphlib.CycleError as e:
-            cycle = " -> ".join(e.args[1])
-            problems.append(Problem(("stages", e.args[1][0]), f"stages form a cycle: {cycle}"))
-    known = set(stages) | {BASE}
-    for i, ev in enumerate(recipe.evals):
-        for j, s in enumerate(ev.stages or []):
-            if s not in known:
-                problems.append(Problem(("evals", i, "stages", j), f"'{s}' is not a stage{did_you_mean(s, known)}"))
-        if ev.data is not None and ev.data not in recipe.data:
-            problems.append(Problem(("evals", i, "data"), f"dataset '{ev.data}' is not defined under data:{did_you_mean(ev.data, recipe.data)}"))
-    problems += _check_plugins(recipe)
-    return problems
-
-
-# Keys alignkit sets itself; a recipe setting them would be silently overridden.
-RESERVED_ARGS = {"output_dir", "resume_from_checkpoint", "report_to", "overwrite_output_dir"}
-
-
-def _check_args(config_class, args: dict, path: tuple) -> list[Problem]:
-    fields = {f.name for f in dataclasses.fields(config_class) if f.init}
-    problems = []
-    for key in args:
-        if key in RESERVED_ARGS:
-            problems.append(Problem(path + (key,), f"'{key}' is set by alignkit (the run directory); remove it"))
-        elif key not in fields:
-            problems.append(Problem(path + (key,), f"unknown {config_class.__name__} argument '{key}'{did_you_mean(key, fields)}"))
-    return problems
-
-
-def _check_plugins(recipe: Recipe) -> list[Problem]:
-    """Reward and eval names exist (when those registries are importable)."""
-    problems = []
-    try:
-        from rewards import REWARDS, build_reward
-    except ImportError:
-        REWARDS = None
-    if REWARDS is not None:
-        for name, st in recipe.stages.items():
-            for i, r in enumerate(st.rewards):
-                spec = {"name": r.name, "weight": r.weight, **(r.model_extra or {})}
-                try:
-                    build_reward(spec)
-                except (KeyError, ValueError, TypeError, ImportError) as e:
-                    msg = e.args[0] if e.args else str(e)
-                    problems.append(Problem(("stages", name, "rewards", i, "name"), str(msg)))
-    try:
-        from evals import TASKS, check_task_args
-    except ImportError:
-        TASKS = None
-    if TASKS is not None:
-        for i, ev in enumerate(recipe.evals):
-            if ev.task not in TASKS:
-                problems.append(Problem(("evals", i, "task"), f"unknown eval task '{ev.task}'{did_you_mean(ev.task, TASKS.names())}; known: {', '.join(TASKS.names())}"))
-            else:
-                problems += [Problem(("evals", i, "args"), msg) for msg in check_task_args(ev.task, ev.args, has_data=ev.data is not None)]
-    return problems
 
 
 def dump_recipe(recipe: Recipe) -> str:

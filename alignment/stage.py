@@ -6,7 +6,6 @@ writes STAGE/result.json. The manifest stays the orchestrator's to write.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,29 +21,31 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
-    from alignment.pipeline import write_json_atomic
-    from alignment.recipe import parse_resolved
+    from alignment.rundir import RunDir
     from alignment.stages import STAGES, StageContext, load_stages
 
     transformers.logging.set_verbosity_warning()
-    recipe = parse_resolved((run_dir / "recipe.yaml").read_text())
+    recipe = RunDir(run_dir).read_recipe()
     load_stages()
     transformers.set_seed(recipe.seed + int(os.environ.get("RANK", 0)) * 100003)
     ctx = StageContext(recipe=recipe, name=name, run_dir=run_dir)
     _install_reward_model_loader(run_dir)
-    ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+    ctx.rundir.stage_dir(name).mkdir(parents=True, exist_ok=True)
     result = STAGES.get(recipe.stages[name].method)(ctx)
     if int(os.environ.get("RANK", 0)) == 0:
-        write_json_atomic(ctx.stage_dir / "result.json", {"metrics": result.metrics, "info": result.info})
+        ctx.rundir.write_result(name, {"metrics": result.metrics, "info": result.info,
+                                       "trainer_config": ctx.trainer_config})
     return 0
 
 
 def _install_reward_model_loader(run_dir: Path) -> None:
     """`rewards: [{name: reward_model, stage: rm}]` scores with this run's `rm` artifact."""
     from alignment.models import RewardScorer
+    from alignment.rundir import RunDir
     from rewards.model import set_stage_model_loader
 
-    set_stage_model_loader(lambda stage: RewardScorer.load(run_dir / stage / "model"))
+    rundir = RunDir(run_dir)
+    set_stage_model_loader(lambda stage: RewardScorer.load(rundir.model_dir(stage)))
 
 
 if __name__ == "__main__":

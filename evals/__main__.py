@@ -10,13 +10,13 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     from rich.console import Console
 
-    from alignment.recipe import parse_resolved
+    from alignment.rundir import RunDir
     from evals import EvalError, run_evals, write_report
     from evals.cli import print_eval_table
 
     console = Console(highlight=False)
     run_dir, stages = Path(argv[0]), argv[1:] or None
-    recipe = parse_resolved((run_dir / "recipe.yaml").read_text())
+    recipe = RunDir(run_dir).read_recipe()
     try:
         results = run_evals(recipe, run_dir, stages=stages, console=console)
     except EvalError as e:

@@ -88,8 +88,9 @@ def eval_cmd(
 
 def _eval_recipe(path: Path, stage: Optional[str], task: Optional[str], run_dir: Path, force: bool) -> None:
     from alignment.data import DataError
-    from alignment.recipe import RecipeError, load_recipe
+    from alignment.recipe import RecipeError
     from alignment.registry import did_you_mean
+    from alignment.validate import load_recipe
     from evals.runner import EvalError, run_evals
 
     try:
@@ -112,8 +113,9 @@ def _eval_recipe(path: Path, stage: Optional[str], task: Optional[str], run_dir:
 
 def _eval_model(model: str, task: Optional[str], data: Optional[Path], args: dict) -> None:
     from alignment.data import DataError, load
-    from alignment.models import full_weights, resolve_model_path
+    from alignment.models import resolve_model_path
     from alignment.recipe import DatasetConfig
+    from alignment.rundir import full_weights
     from evals.base import CONTEXT_ARGS, DEFAULT_BACKEND, DEFAULT_BATCH_SIZE, TASKS, EvalContext, check_task_args
 
     if task is None:

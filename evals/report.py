@@ -11,15 +11,15 @@ sample generations side by side (wrong answers marked), and the resolved recipe.
 from __future__ import annotations
 
 import base64
-import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable
 
 from alignment.metrics import PANELS, describe
 from alignment.recipe import BASE
+from alignment.rundir import RunDir
 from evals.table import PALETTE, EvalTable, build_eval_table, fmt
 
 SAMPLE_CHARS = 600  # longer completions are cut in the report (the JSON keeps them whole)
@@ -41,35 +41,28 @@ class RunData:
     evals: dict[str, dict] = field(default_factory=dict)  # stage (base first) -> evals/STAGE.json
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def read_run(run_dir: Path) -> RunData:
     """Everything the report shows, from the files of a run directory."""
     import yaml
 
-    run_dir = Path(run_dir)
-    recipe_file = run_dir / "recipe.yaml"
+    rundir = RunDir(run_dir)
+    recipe_file = rundir.recipe_file
     if not recipe_file.exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no recipe.yaml); run `alignkit run RECIPE` first")
     text = recipe_file.read_text()
     raw = yaml.safe_load(text) or {}
     stages = _stage_order(text, raw)
-    data = RunData(run_dir, raw.get("name", run_dir.name), text, str((raw.get("model") or {}).get("name_or_path", "")),
+    data = RunData(rundir.path, raw.get("name", rundir.path.name), text, str((raw.get("model") or {}).get("name_or_path", "")),
                    stages, {s: (raw.get("stages") or {}).get(s, {}).get("method", "?") for s in stages})
     for st in stages:
-        man = _read_json(run_dir / st / "manifest.json")
+        man = rundir.read_manifest(st)
         if man is not None:
             data.manifests[st] = man
-        lines = run_dir / st / "metrics.jsonl"
-        if lines.exists():
-            data.curves[st] = [json.loads(line) for line in lines.read_text().splitlines() if line.strip()]
+        rows = rundir.read_metrics(st)
+        if rows:
+            data.curves[st] = rows
     for st in [BASE] + stages:
-        ev = _read_json(run_dir / "evals" / f"{st}.json")
+        ev = rundir.read_evals(st)
         if ev is not None:
             data.evals[st] = ev
     return data
@@ -343,7 +336,7 @@ def write_report(run_dir: Path | str) -> Path:
     """
     data = read_run(Path(run_dir))
     table = build_eval_table(data.evals, [BASE] + data.stages)
-    out = data.run_dir / "report"
+    out = RunDir(data.run_dir).report_dir
     out.mkdir(parents=True, exist_ok=True)
     plt = _pyplot()
     images: dict[str, Path] = {}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from alignment.recipe import BASE, EvalConfig, Recipe
+from alignment.rundir import RunDir
 from evals.base import CONTEXT_ARGS, DEFAULT_BACKEND, DEFAULT_BATCH_SIZE, TASKS, EvalContext, Session, check_task_args
 
 EVALS_VERSION = 1  # bump when a task's numbers change meaning, to invalidate cached results
@@ -43,15 +44,6 @@ def check_evals(recipe: Recipe) -> list[str]:
     return problems
 
 
-def _done(run_dir: Path, stage: str) -> Optional[dict]:
-    from alignment.pipeline import read_json
-
-    man = read_json(run_dir / stage / "manifest.json")
-    if man and man.get("status") == "done" and (run_dir / stage / "model").is_dir():
-        return man
-    return None
-
-
 def eval_stages(recipe: Recipe, ev: EvalConfig) -> list[str]:
     """The stages an eval entry covers, base first: its `stages`, or base and every generative stage."""
     listed = ev.stages or [s for s in recipe.order() if recipe.stages[s].method != "reward"]
@@ -61,7 +53,7 @@ def eval_stages(recipe: Recipe, ev: EvalConfig) -> list[str]:
 def _fingerprint(recipe: Recipe, run_dir: Path, stage: str) -> Optional[str]:
     if stage == BASE:
         return f"{recipe.model.name_or_path}@{recipe.model.revision or 'main'}"
-    man = _done(run_dir, stage)
+    man = RunDir(run_dir).done(stage)
     return man.get("fingerprint") if man else None
 
 
@@ -103,11 +95,9 @@ def run_evals(recipe: Recipe, run_dir: Path, stages: Optional[list[str]] = None,
 
     from alignment.data import load
     from alignment.models import read_artifact, torch_dtype
-    from alignment.pipeline import read_json, write_json_atomic
-    from alignment.stages import stage_weights
 
     console = console or Console(highlight=False)
-    run_dir = Path(run_dir)
+    rundir = RunDir(run_dir)
     problems = check_evals(recipe)
     if problems:
         raise EvalError("bad evals in the recipe:\n  " + "\n  ".join(problems))
@@ -126,20 +116,19 @@ def run_evals(recipe: Recipe, run_dir: Path, stages: Optional[list[str]] = None,
     dtype = str(torch_dtype(recipe.model.dtype)).removeprefix("torch.")
     rows_of: dict[str, list[dict]] = {}
     session = Session()
-    base_path = stage_weights(recipe, run_dir, BASE)
+    base_path = rundir.weights(recipe, BASE)
     results: dict[str, dict] = {}
     for st in [BASE] + recipe.order():
         if st not in plan:
             continue
-        if st != BASE and _done(run_dir, st) is None:
+        if st != BASE and rundir.done(st) is None:
             console.print(f"[yellow]–[/] evals on {st}: skipped, the stage is not done")
             continue
-        if st != BASE and read_artifact(run_dir / st / "model")["head"] != "causal_lm":
+        if st != BASE and read_artifact(rundir.model_dir(st))["head"] != "causal_lm":
             console.print(f"[yellow]–[/] evals on {st}: skipped, a {recipe.stages[st].method} model does not generate")
             continue
-        model_path = stage_weights(recipe, run_dir, st)
-        out_file = run_dir / "evals" / f"{st}.json"
-        cached = (read_json(out_file) or {}).get("tasks", {})
+        model_path = rundir.weights(recipe, st)
+        cached = (rundir.read_evals(st) or {}).get("tasks", {})
         out = {"stage": st, "model": model_path, "fingerprint": _fingerprint(recipe, run_dir, st), "tasks": {}}
         for i in plan[st]:
             ev, name = recipe.evals[i], names[i]
@@ -154,7 +143,7 @@ def run_evals(recipe: Recipe, run_dir: Path, stages: Optional[list[str]] = None,
                 continue
             if ev.data and ev.data not in rows_of:
                 rows_of[ev.data] = load(ev.data, recipe.data[ev.data]).rows
-            reference = None if st == BASE else stage_weights(recipe, run_dir, recipe.stages[st].from_)
+            reference = None if st == BASE else rundir.weights(recipe, recipe.stages[st].from_)
             ctx = EvalContext(
                 model_path=model_path, rows=rows_of.get(ev.data, []), stage=st, reference_path=reference,
                 base_path=base_path, resolve=lambda s: _resolve(recipe, run_dir, s), dtype=dtype,
@@ -170,9 +159,9 @@ def run_evals(recipe: Recipe, run_dir: Path, stages: Optional[list[str]] = None,
             entry = {"task": ev.task, "data": ev.data, "key": key, **result.to_json(MAX_SAMPLES),
                      "seconds": round(time.time() - start, 2)}
             out["tasks"][name] = entry
-            write_json_atomic(out_file, out)  # after each task: a crash keeps what is done
+            rundir.write_evals(st, out)  # after each task: a crash keeps what is done
             console.print(f"[cyan]●[/] eval {st} · {name}: {_headline(entry)} [dim]({entry['seconds']}s)[/]")
-        write_json_atomic(out_file, out)
+        rundir.write_evals(st, out)
         results[st] = out
         session.release()
     return results
@@ -180,12 +169,11 @@ def run_evals(recipe: Recipe, run_dir: Path, stages: Optional[list[str]] = None,
 
 def _resolve(recipe: Recipe, run_dir: Path, name: str) -> str:
     """A stage of this run (finished) or a folder -> full weights."""
-    from alignment.stages import stage_weights
-
+    rundir = RunDir(run_dir)
     if name == BASE or name in recipe.stages:
-        if name != BASE and _done(run_dir, name) is None:
+        if name != BASE and rundir.done(name) is None:
             raise EvalError(f"stage '{name}' is not done; run it first (alignkit run RECIPE --stage {name})")
-        return stage_weights(recipe, run_dir, name)
+        return rundir.weights(recipe, name)
     if Path(name).is_dir():
         return str(Path(name).resolve())
     from alignment.registry import did_you_mean

@@ -41,8 +41,9 @@ def write_recipe(folder: Path, model_path, stages: dict, *, data: dict | None = 
 
 
 def metrics(run_dir: Path, stage: str) -> list[dict]:
-    path = Path(run_dir) / stage / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from alignment.rundir import RunDir
+
+    return RunDir(run_dir).read_metrics(stage)
 
 
 def losses(run_dir: Path, stage: str, key: str = "loss") -> list[float]:
@@ -65,7 +66,9 @@ def run_cli(*args, env=None):
 
 
 def manifest(run_dir: Path, stage: str) -> dict:
-    return json.loads((Path(run_dir) / stage / "manifest.json").read_text())
+    from alignment.rundir import RunDir
+
+    return RunDir(run_dir).read_manifest(stage)
 
 
 def pair_rows(n: int = 32, seed: int = 0) -> list[dict]:

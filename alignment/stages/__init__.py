@@ -2,43 +2,74 @@
 
 A stage module registers one function:
 
-    @stage("dpo", config=lambda: trl.DPOConfig, formats=("preference",))
+    @stage("dpo", config=lambda: trl.DPOConfig, formats=("preference",), defaults=trainer_defaults)
     def run(ctx: StageContext) -> StageResult: ...
 
 `config` (lazy, so validation can check `args` without importing every trainer) is the TRL config
-class that `args` is checked against and built into; `formats` are the data formats it accepts.
+class that `args` is checked against and built into; `formats` are the data formats it accepts;
+`defaults` are the method's values for config fields the recipe leaves out (a dict, or a function of
+the recipe and stage name for derived ones), so `effective_args` -- what the config is built from,
+and what the stage's fingerprint hashes -- is computed in one place; `generates` gives the stage a
+`rollout:` section (filled with its defaults when the recipe has none).
 """
 from __future__ import annotations
 
+import functools
 import importlib
-import json
 import os
 import pkgutil
-import shutil
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from transformers import TrainerCallback
 
 from alignment.metrics import PROGRESS, rename
-from alignment.recipe import BASE, ModelConfig, Recipe, RolloutConfig, StageConfig
+from alignment.recipe import ModelConfig, Recipe, RolloutConfig, StageConfig
 from alignment.registry import Registry
+from alignment.rundir import RunDir
 
 STAGES: Registry[Callable] = Registry("stage method")
 
 
+Defaults = Union[dict[str, Any], Callable[[Recipe, str], dict[str, Any]]]
+
+
 def stage(name: str, *, config: Optional[Callable[[], type]] = None, formats: tuple[str, ...] = (),
-          check: Optional[Callable[[Recipe, str], list]] = None):
+          check: Optional[Callable[[Recipe, str], list]] = None, defaults: Optional[Defaults] = None,
+          generates: bool = False):
     """Register a stage function under `name` (see the module docstring)."""
 
     def decorator(fn):
         fn.config_class, fn.formats, fn.check = config, formats, check
+        fn.defaults, fn.generates = defaults or {}, generates
         return STAGES.register(name)(fn)
 
     return decorator
+
+
+def effective_args(recipe: Recipe, name: str) -> dict[str, Any]:
+    """The stage's trainer arguments: its method's registered defaults, overridden by the recipe's `args`.
+    `StageContext.trl_config` builds the config from them and the stage's fingerprint hashes them."""
+    spec = recipe.stages[name]
+    defaults = STAGES.get(spec.method).defaults
+    return {**(defaults(recipe, name) if callable(defaults) else defaults), **spec.args}
+
+
+def trainer_defaults(recipe: Recipe, name: str) -> dict[str, Any]:
+    """alignkit's defaults for every TRL trainer config (transformers' TrainingArguments fields): log every
+    step, a checkpoint every fifth of the run (of 50 steps when `max_steps` is not set), keep two."""
+    args = recipe.stages[name].args
+    return dict(
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=max(1, int(args.get("max_steps", 50) or 50) // 5),
+        save_total_limit=2,
+        seed=recipe.seed,
+        disable_tqdm=True,
+        gradient_checkpointing=recipe.stage_model(name).gradient_checkpointing,
+    )
 
 
 def load_stages() -> None:
@@ -60,6 +91,7 @@ class StageContext:
     recipe: Recipe
     name: str
     run_dir: Path
+    trainer_config: dict[str, Any] = field(default_factory=dict)  # the built config, for the manifest
 
     @property
     def spec(self) -> StageConfig:
@@ -70,26 +102,27 @@ class StageContext:
         return self.recipe.stage_model(self.name)
 
     @property
-    def stage_dir(self) -> Path:
-        return self.run_dir / self.name
+    def args(self) -> dict[str, Any]:
+        """`effective_args`: the method's registered defaults, overridden by the recipe's `args`."""
+        return effective_args(self.recipe, self.name)
+
+    @functools.cached_property
+    def rundir(self) -> RunDir:
+        return RunDir(self.run_dir)
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.stage_dir / "checkpoints"
-
-    @property
-    def model_dir(self) -> Path:
-        return self.stage_dir / "model"
-
-    @property
-    def metrics_file(self) -> Path:
-        return self.stage_dir / "metrics.jsonl"
+        return self.rundir.checkpoint_dir(self.name)
 
     # ------------------------------------------------------------ models and data
 
+    def weights(self, name: str) -> str:
+        """Full weights of `base` or a finished stage of this run."""
+        return self.rundir.weights(self.recipe, name)
+
     def start_path(self) -> str:
         """Full weights this stage starts from: the recipe's model, or the `from` stage's artifact."""
-        return stage_weights(self.recipe, self.run_dir, self.spec.from_)
+        return self.weights(self.spec.from_)
 
     def tokenizer(self):
         from alignment.models import load_tokenizer
@@ -117,7 +150,7 @@ class StageContext:
 
     @property
     def rollout(self) -> RolloutConfig:
-        return self.spec.rollout or RolloutConfig()
+        return self.spec.rollout  # filled for generating methods when the recipe is loaded (validate.load_recipe)
 
     def reward_functions(self) -> tuple[list[Callable], list[float]]:
         """The stage's `rewards:` as (functions, weights), TRL's reward_funcs / reward_weights."""
@@ -143,10 +176,7 @@ class StageContext:
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         """Append {"step", "time", **metrics} (numbers only; keys from alignment/metrics.py) to metrics.jsonl."""
-        row = {"step": step, "time": round(time.time(), 3)}
-        row.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        with open(self.metrics_file, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        self.rundir.append_metrics(self.name, step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
     def progress(self, total: int, completed: int = 0) -> "Progress":
         return Progress(self.name, total, completed)
@@ -161,14 +191,12 @@ class StageContext:
     # ------------------------------------------------------------ TRL glue
 
     def last_checkpoint(self) -> Optional[str]:
-        from transformers.trainer_utils import get_last_checkpoint
+        found = self.rundir.checkpoints(self.name)
+        return str(found[-1]) if found else None
 
-        if not self.checkpoint_dir.is_dir():
-            return None
-        return get_last_checkpoint(str(self.checkpoint_dir))
-
-    def trl_config(self, cls, **defaults):
-        """Build a TRL config: alignkit defaults < the recipe's `args` < run-directory paths."""
+    def trl_config(self, cls):
+        """Build the stage's TRL config: this machine's precision and device < `effective_args` (registered
+        defaults < the recipe's `args`) < run-directory paths. Records its values in `trainer_config`."""
         import torch
 
         from alignment.models import torch_dtype
@@ -177,21 +205,12 @@ class StageContext:
         # float32 activations of a CPU run compatible with them (e.g. a reward model's new head).
         bf16 = (torch_dtype(self.model_cfg.dtype) == torch.bfloat16 and torch.cuda.is_available()) or (
             self.model_cfg.quantization is not None and self.model_cfg.quantization.bits == 4)
-        values = dict(
-            logging_steps=1,
-            save_strategy="steps",
-            save_steps=max(1, int(self.spec.args.get("max_steps", 50) or 50) // 5),
-            save_total_limit=2,
-            seed=self.recipe.seed,
-            bf16=bf16,
-            use_cpu=not torch.cuda.is_available(),
-            disable_tqdm=True,
-            gradient_checkpointing=self.model_cfg.gradient_checkpointing,
-        )
-        values.update(defaults)
-        values.update(self.spec.args)
+        values = dict(bf16=bf16, use_cpu=not torch.cuda.is_available())
+        values.update(self.args)
         values.update(output_dir=str(self.checkpoint_dir), report_to=[])
-        return cls(**values)
+        config = cls(**values)
+        self.trainer_config = config.to_dict()
+        return config
 
     def callbacks(self) -> list:
         return [StageCallback(self)]
@@ -204,54 +223,39 @@ class StageContext:
         resume = self.last_checkpoint()
         if resume:
             print(f"alignkit: resuming {self.name} from {Path(resume).name}", flush=True)
-            truncate_metrics(self.metrics_file, int(Path(resume).name.split("-")[-1]))
+            self.rundir.truncate_metrics(self.name, int(Path(resume).name.split("-")[-1]))
         out = trainer.train(resume_from_checkpoint=resume)
         metrics = {k: v for k, v in (out.metrics or {}).items() if isinstance(v, (int, float))}
-        return {**metrics, **reward_trend(self.metrics_file)}
+        return {**metrics, **reward_trend(self.rundir.read_metrics(self.name))}
+
+    def _artifact(self, head: str, main: bool = True):
+        kind = "adapter" if self.model_cfg.adapter else "full"
+        return self.rundir.artifact_writer(self.name, kind=kind, base=self.start_path(), head=head, main=main)
 
     def save(self, trainer, tokenizer, head: str = "causal_lm") -> None:
-        """Save the trained model as this stage's artifact (all ranks join; the main one writes)."""
-        from alignment.models import ARTIFACT_FILE
-
-        tmp = self.model_dir.with_name("model.tmp")
-        trainer.save_model(str(tmp))  # gathers sharded weights; adapter only for peft models
-        if trainer.accelerator.is_main_process:
-            tokenizer.save_pretrained(tmp)
-            meta = {"kind": "adapter" if self.model_cfg.adapter else "full", "base": self.start_path(), "head": head}
-            (tmp / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1))
-            shutil.rmtree(self.model_dir, ignore_errors=True)
-            os.replace(tmp, self.model_dir)
+        """Save a TRL trainer's model as this stage's artifact (all ranks join; the main one writes)."""
+        main = trainer.accelerator.is_main_process
+        with self._artifact(head, main) as tmp:
+            trainer.save_model(str(tmp))  # gathers sharded weights; adapter only for peft models
+            if main:
+                tokenizer.save_pretrained(tmp)
         trainer.accelerator.wait_for_everyone()
 
-
-def stage_weights(recipe: Recipe, run_dir: Path, name: str) -> str:
-    """A folder (or hub id) of full weights for `base` or a finished stage of this run."""
-    from alignment.models import full_weights, resolve_model_path
-
-    if name == BASE:
-        return resolve_model_path(recipe.model.name_or_path)
-    return str(full_weights(run_dir / name / "model"))
+    def save_model(self, model, tokenizer, head: str = "causal_lm") -> None:
+        """Save a model trained in this one process (adapter or full weights) as this stage's artifact."""
+        with self._artifact(head) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
 
 
-def reward_trend(path: Path) -> dict[str, float]:
-    """Mean reward over the first and the last quarter of the logged steps: one step's reward is
-    noisy (a handful of prompts), so the summary and the closing numbers compare quarters."""
-    if not path.exists():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def reward_trend(rows: list[dict]) -> dict[str, float]:
+    """Mean reward over the first and the last quarter of the logged rows (`RunDir.read_metrics`): one
+    step's reward is noisy (a handful of prompts), so the summary and the closing numbers compare quarters."""
     values = [r["reward/mean"] for r in rows if isinstance(r.get("reward/mean"), (int, float))]
     if len(values) < 2:
         return {}
     n = max(1, len(values) // 4)
     return {"reward/first_quarter": sum(values[:n]) / n, "reward/last_quarter": sum(values[-n:]) / n}
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines logged after `step` (a run cut off after its last checkpoint)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 # ---------------------------------------------------------------- progress and trainer callbacks

@@ -8,7 +8,7 @@ types (sigmoid, ipo, hinge, apo_zero, ...) and `beta` come through `args`.
 """
 from __future__ import annotations
 
-from alignment.stages import StageContext, StageResult, stage
+from alignment.stages import StageContext, StageResult, stage, trainer_defaults
 
 
 def _config():
@@ -17,7 +17,7 @@ def _config():
     return DPOConfig
 
 
-@stage("dpo", config=_config, formats=("preference",))
+@stage("dpo", config=_config, formats=("preference",), defaults=trainer_defaults)
 def run(ctx: StageContext) -> StageResult:
     from trl import DPOConfig, DPOTrainer
 

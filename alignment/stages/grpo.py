@@ -10,7 +10,7 @@ cispo, ...) and the KL `beta` (reference = the `from` model) come through `args`
 """
 from __future__ import annotations
 
-from alignment.stages import StageContext, StageResult, stage
+from alignment.stages import StageContext, StageResult, stage, trainer_defaults
 
 
 def _config():
@@ -57,18 +57,26 @@ class Rollouts:
             self.engine.close()
 
 
-@stage("grpo", config=_config, formats=("prompt",), check=_check)
+def _defaults(recipe, name):
+    """GRPOConfig from the stage's `rollout:` and `rewards:`; a batch of two prompts' groups per device."""
+    spec = recipe.stages[name]
+    rollout = spec.rollout
+    return {
+        **trainer_defaults(recipe, name),
+        "num_generations": rollout.num_generations, "max_completion_length": rollout.max_new_tokens,
+        "temperature": max(rollout.temperature, 1e-3), "top_p": rollout.top_p, "top_k": rollout.top_k,
+        "reward_weights": [r.weight for r in spec.rewards],
+        "per_device_train_batch_size": 2 * rollout.num_generations, "log_completions": False,
+    }
+
+
+@stage("grpo", config=_config, formats=("prompt",), check=_check, defaults=_defaults, generates=True)
 def run(ctx: StageContext) -> StageResult:
     from trl import GRPOConfig, GRPOTrainer
 
-    cfg = ctx.rollout
-    funcs, weights = ctx.reward_functions()
+    funcs, _ = ctx.reward_functions()
     tokenizer = ctx.tokenizer()
-    args = ctx.trl_config(
-        GRPOConfig, num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
-        temperature=max(cfg.temperature, 1e-3), top_p=cfg.top_p, top_k=cfg.top_k, reward_weights=weights,
-        per_device_train_batch_size=2 * cfg.num_generations, log_completions=False,
-    )
+    args = ctx.trl_config(GRPOConfig)
     rollouts = Rollouts(ctx, tokenizer, seed=args.seed)
     trainer = GRPOTrainer(
         model=ctx.load_model(), reward_funcs=funcs, args=args, train_dataset=ctx.dataset(),

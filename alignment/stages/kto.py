@@ -8,7 +8,7 @@ dataset in the recipe's `data:` section. Reference = the `from` stage's model, a
 """
 from __future__ import annotations
 
-from alignment.stages import StageContext, StageResult, stage
+from alignment.stages import StageContext, StageResult, stage, trainer_defaults
 
 
 def _config():
@@ -17,7 +17,7 @@ def _config():
     return KTOConfig
 
 
-@stage("kto", config=_config, formats=("unpaired",))
+@stage("kto", config=_config, formats=("unpaired",), defaults=trainer_defaults)
 def run(ctx: StageContext) -> StageResult:
     from trl import KTOConfig, KTOTrainer
 

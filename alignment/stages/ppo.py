@@ -33,10 +33,10 @@ from alignment.algos import (
     compute_kl, compute_token_rewards, compute_value_loss, entropy_from_logits, logprobs_from_logits, masked_mean,
     masked_var, masked_whiten, ppo_clip_loss, truncate_after_stop,
 )
-from alignment.recipe import RolloutConfig, _pydantic_problems
+from alignment.recipe import _pydantic_problems
 from alignment.registry import did_you_mean
 from alignment.rollout import Completion, SamplingConfig
-from alignment.stages import StageContext, StageResult, reward_trend, stage, truncate_metrics
+from alignment.stages import StageContext, StageResult, reward_trend, stage
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -130,7 +130,7 @@ def _check(recipe, name):
     if not spec.rewards:
         problems.append(Problem(where + ("rewards",), "ppo needs at least one reward, e.g. rewards: "
                                 "[{name: reward_model, stage: rm}]"))
-    rollout = spec.rollout or RolloutConfig()  # ctx.rollout, before there is a context
+    rollout = spec.rollout
     if rollout.temperature == 0:
         problems.append(Problem(where + ("rollout", "temperature"), "ppo samples: temperature must be > 0"))
     if rollout.top_k != 0 or rollout.top_p != 1:
@@ -616,10 +616,10 @@ def _setup_roles(ctx: StageContext, cfg: PPOConfig) -> Roles:
 def _load_critic(ctx: StageContext):
     """A sequence-classification model from the first `reward_model` reward's stage (N+, Stiennon et al.),
     else from the policy's start weights with a zero head (NB Policy 2)."""
-    from alignment.models import full_weights, load_model
+    from alignment.models import load_model
 
     rm_stages = [r.model_extra["stage"] for r in ctx.spec.rewards if r.name == "reward_model"]
-    path = str(full_weights(ctx.run_dir / rm_stages[0] / "model")) if rm_stages else ctx.start_path()
+    path = ctx.weights(rm_stages[0]) if rm_stages else ctx.start_path()
     critic = load_model(path, ctx.model_cfg, head="sequence_classification")
     if not rm_stages:
         torch.nn.init.zeros_(critic.score.weight)
@@ -663,12 +663,15 @@ def _prompt_text(prompt) -> str:
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
-@stage("ppo", config=lambda: PPOConfig, formats=("prompt",), check=_check)
+def _defaults(recipe, name):
+    return {"seed": recipe.seed}
+
+
+@stage("ppo", config=lambda: PPOConfig, formats=("prompt",), check=_check, defaults=_defaults, generates=True)
 def run(ctx: StageContext) -> StageResult:
-    from alignment.models import save_artifact
     from alignment.rollout import encode_prompts
 
-    cfg, rollout = PPOConfig(**{"seed": ctx.recipe.seed, **ctx.spec.args}), ctx.rollout
+    cfg, rollout = PPOConfig(**ctx.args), ctx.rollout
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise RuntimeError("the ppo stage runs in one process; set launch.num_processes: 1 for it")
     random.seed(cfg.seed)
@@ -677,6 +680,7 @@ def run(ctx: StageContext) -> StageResult:
 
     tokenizer, dataset = ctx.tokenizer(), ctx.dataset()
     cfg = dataclasses.replace(cfg, max_steps=cfg.num_updates(len(dataset), rollout.num_generations))
+    ctx.trainer_config = dataclasses.asdict(cfg)
     prompts_per_update = cfg.rollout_size // rollout.num_generations
     save_steps = cfg.save_steps or max(1, cfg.max_steps // 5)
     funcs, weights = ctx.reward_functions()
@@ -692,7 +696,7 @@ def run(ctx: StageContext) -> StageResult:
     if resume:
         print(f"alignkit: resuming {ctx.name} from {Path(resume).name}", flush=True)
         trainer.load(Path(resume))
-        truncate_metrics(ctx.metrics_file, trainer.update)
+        ctx.rundir.truncate_metrics(ctx.name, trainer.update)
 
     progress, started, stats = ctx.progress(cfg.max_steps, trainer.update), time.time(), None
     try:
@@ -714,9 +718,9 @@ def run(ctx: StageContext) -> StageResult:
         progress.stop()
         engine.close()
 
-    save_artifact(policy, tokenizer, ctx.model_dir, base=ctx.start_path(), head="causal_lm")
+    ctx.save_model(policy, tokenizer)
     final = {k: stats.metrics[k] for k in ("reward/mean", "kl/ref", "value/explained_var")} if stats else {}
-    return StageResult(metrics={**final, **reward_trend(ctx.metrics_file), "updates": trainer.update,
+    return StageResult(metrics={**final, **reward_trend(ctx.rundir.read_metrics(ctx.name)), "updates": trainer.update,
                                 "train_runtime": round(time.time() - started, 1)},
                        info={"rollout_backend": engine.name})
 
@@ -724,8 +728,7 @@ def run(ctx: StageContext) -> StageResult:
 def _save_checkpoint(ctx: StageContext, trainer: PPOTrainer, step: int, keep: int) -> None:
     """checkpoint-<update>, keeping the newest `keep`; then `ctx.fault_hook`."""
     ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    trainer.save(ctx.checkpoint_dir / f"checkpoint-{step}")
-    saved = sorted(ctx.checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    for old in saved[:-keep]:
+    trainer.save(ctx.rundir.checkpoint(ctx.name, step))
+    for old in ctx.rundir.checkpoints(ctx.name)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     ctx.fault_hook(step)

@@ -8,7 +8,7 @@ The artifact is a sequence-classification model; later stages use it by stage na
 """
 from __future__ import annotations
 
-from alignment.stages import StageContext, StageResult, stage
+from alignment.stages import StageContext, StageResult, stage, trainer_defaults
 
 
 def _config():
@@ -17,7 +17,7 @@ def _config():
     return RewardConfig
 
 
-@stage("reward", config=_config, formats=("preference",))
+@stage("reward", config=_config, formats=("preference",), defaults=trainer_defaults)
 def run(ctx: StageContext) -> StageResult:
     from trl import RewardConfig, RewardTrainer
 

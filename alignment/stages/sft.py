@@ -7,7 +7,7 @@ plain `text`. Adapters (LoRA / DoRA / rsLoRA) and QLoRA come from the recipe's `
 """
 from __future__ import annotations
 
-from alignment.stages import StageContext, StageResult, stage
+from alignment.stages import StageContext, StageResult, stage, trainer_defaults
 
 
 def _config():
@@ -16,7 +16,11 @@ def _config():
     return SFTConfig
 
 
-@stage("sft", config=_config, formats=("messages", "prompt_completion", "text"))
+def _defaults(recipe, name):
+    return {**trainer_defaults(recipe, name), "max_length": 1024}  # tokens per example; longer ones are cut
+
+
+@stage("sft", config=_config, formats=("messages", "prompt_completion", "text"), defaults=_defaults)
 def run(ctx: StageContext) -> StageResult:
     from trl import SFTConfig, SFTTrainer
 
@@ -24,7 +28,7 @@ def run(ctx: StageContext) -> StageResult:
 
     tokenizer = ctx.tokenizer()
     train = ctx.dataset()
-    args = ctx.trl_config(SFTConfig, max_length=1024)
+    args = ctx.trl_config(SFTConfig)
     # TRL truncates and then silently drops the rows left without a completion token: count and say so
     train = check_truncation(train, tokenizer, args.max_length, ctx.recipe.data, ctx.spec.data, run.formats,
                              on_bad_rows=ctx.recipe.on_bad_rows)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from alignment.pipeline import Pipeline, RunLocked, run_lock
-from alignment.recipe import load_recipe
+from alignment.validate import load_recipe
 from tests.helpers import losses, manifest, metrics, run_cli, write_recipe
 
 SFT = {"method": "sft", "data": ["sft"],
@@ -21,6 +21,9 @@ def test_sft_trains_skips_when_done_and_reruns_when_stale(tmp_path, tiny_model_p
     run_dir = tmp_path / "runs" / "t"
     m = manifest(run_dir, "sft")
     assert m["status"] == "done" and (run_dir / "sft" / "model" / "model.safetensors").exists()
+    assert m["inputs"]["args"]["max_length"] == 1024  # sft's registered default, hashed
+    config = m["trainer_config"]  # what the trainer was built with
+    assert config["max_length"] == 1024 and config["save_steps"] == 4 and config["learning_rate"] == 3.0e-3
     loss = losses(run_dir, "sft")
     assert len(loss) == 12 and sum(loss[-3:]) / 3 < 0.7 * sum(loss[:3]) / 3  # loss falls
 

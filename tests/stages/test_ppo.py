@@ -14,7 +14,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from alignment.metrics import describe
-from alignment.recipe import RecipeError, load_recipe
+from alignment.recipe import RecipeError
+from alignment.validate import load_recipe
 from alignment.rollout import HFEngine, SamplingConfig
 from alignment.stages import ppo
 from alignment.stages.ppo import PPOConfig, PPOTrainer, Roles, disable_dropout, new_value_head

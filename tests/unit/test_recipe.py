@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from alignment.cli import app
-from alignment.recipe import RecipeError, load_recipe
+from alignment.recipe import RecipeError
+from alignment.validate import load_recipe
 
 GOOD = """\
 name: demo
@@ -138,3 +139,52 @@ def test_cli_validate_exits_2_with_the_message(tmp_path):
     res = CliRunner().invoke(app, ["validate", str(p)])
     assert res.exit_code == 2
     assert "'stf' is not a stage" in res.output
+
+
+def test_the_schema_module_imports_no_registry():
+    import subprocess
+    import sys
+
+    code = ("import sys, alignment.recipe; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alignment', 'rewards', 'evals')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['alignment', 'alignment.recipe', 'alignment.registry']"
+
+
+SFT_ONLY = {"sft": {"method": "sft", "data": ["sft"], "args": {"max_steps": 20}}}
+
+
+def test_registered_defaults_are_in_the_fingerprint_and_the_trainer_config(tmp_path, monkeypatch):
+    from trl import SFTConfig
+
+    from alignment.pipeline import changed_keys, fingerprint, stage_inputs
+    from alignment.stages import STAGES, StageContext
+    from tests.helpers import write_recipe
+
+    recipe = load_recipe(write_recipe(tmp_path, "some/model", SFT_ONLY))
+    inputs = stage_inputs(recipe, "sft", {})
+    assert inputs["args"]["max_length"] == 1024 and inputs["args"]["save_steps"] == 4  # 20 // 5
+    sft = STAGES.get("sft")
+    registered = sft.defaults
+    monkeypatch.setattr(sft, "defaults", lambda r, n: {**registered(r, n), "max_length": 512})
+    changed = stage_inputs(recipe, "sft", {})
+    assert fingerprint(changed) != fingerprint(inputs) and changed_keys(inputs, changed) == ["args.max_length"]
+    config = StageContext(recipe=recipe, name="sft", run_dir=tmp_path / "runs" / "t").trl_config(SFTConfig)
+    assert config.max_length == 512 and config.save_steps == 4  # built from the same effective args
+
+
+def test_generating_methods_get_a_full_rollout_section(tmp_path):
+    from alignment.recipe import RolloutConfig, dump_recipe
+    from alignment.stages import effective_args
+    from tests.helpers import write_jsonl, write_recipe
+
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "1+1=", "answer": "2"}])
+    stages = {**SFT_ONLY, "grpo": {"method": "grpo", "from": "sft", "data": ["prompts"],
+                                   "rewards": [{"name": "math_accuracy"}]}}
+    data = {"sft": {"path": "sft.jsonl"}, "prompts": {"path": "prompts.jsonl"}}
+    write_jsonl(tmp_path / "sft.jsonl", [{"text": "1+1=2"}])
+    recipe = load_recipe(write_recipe(tmp_path, "some/model", stages, data=data))
+    assert recipe.stages["grpo"].rollout == RolloutConfig() and recipe.stages["sft"].rollout is None
+    assert "num_generations: 4" in dump_recipe(recipe)  # the resolved recipe shows it
+    args = effective_args(recipe, "grpo")
+    assert args["per_device_train_batch_size"] == 8 and args["num_generations"] == 4 and args["reward_weights"] == [1.0]

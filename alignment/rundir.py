@@ -1,0 +1,226 @@
+"""The run directory `runs/NAME/`: the one module that knows its layout and reads and writes its files.
+
+    recipe.yaml              the resolved recipe (all defaults filled)
+    .lock                    held by the `alignkit run` using the directory
+    STAGE/manifest.json      status (running | done | failed), fingerprint, inputs, trainer config, metrics
+    STAGE/result.json        what the stage's process reports back: final metrics, info, trainer config
+    STAGE/checkpoints/       trainer checkpoints (`checkpoint-STEP`, HF Trainer's naming), used to resume
+    STAGE/model/             the artifact: adapter or full weights + tokenizer + alignkit_model.json
+    STAGE/merged/            an adapter artifact merged into its base, made once on first use
+    STAGE/metrics.jsonl      one JSON line per logging step
+    evals/STAGE.json         eval results of base or a stage
+    report/                  index.html, report.md and plots
+
+A stage is done when its manifest says so *and* its artifact is present. JSON files are written
+atomically (temp file, fsync, rename); an artifact is saved into a temp folder that is renamed into
+place once complete, with `alignkit_model.json` (kind, base, head) beside the weights. How models
+are loaded and adapters merged is `alignment.models`'s business.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+from alignment.models import ARTIFACT_FILE, file_lock, merge_adapter, read_artifact, resolve_model_path
+from alignment.recipe import BASE, Recipe, dump_recipe, parse_resolved
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """The JSON object in `path`, or None when the file is missing or unreadable (e.g. cut off)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON so that readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when writing failed
+    with contextlib.suppress(OSError):
+        dirfd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(dirfd)
+        os.close(dirfd)
+
+
+@contextlib.contextmanager
+def artifact_writer(out: Path, *, kind: str, base: Optional[str], head: str, main: bool = True) -> Iterator[Path]:
+    """Save an artifact into `out` atomically: the caller saves weights and tokenizer into the yielded (empty)
+    temp folder; when the block ends without error, the main process writes `alignkit_model.json` and renames the
+    folder to `out` (replacing an older one). Other ranks (`main=False`) only join a collective save.
+
+    Args:
+        out: the artifact folder (e.g. `STAGE/model`).
+        kind: "adapter" (a peft adapter over `base`) or "full" (all weights).
+        base: full-weights folder or hub id the adapter was trained on.
+        head: "causal_lm" or "sequence_classification" (a reward model).
+    """
+    tmp = out.with_name(out.name + ".tmp")
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    yield tmp
+    if main:
+        (tmp / ARTIFACT_FILE).write_text(json.dumps({"kind": kind, "base": base, "head": head}, indent=1))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+
+
+def full_weights(model_dir: Path) -> Path:
+    """A folder of full weights for an artifact: `model_dir` itself, or `merged/` beside it -- the adapter
+    merged into its base (in float32) once, under a lock so that concurrent readers wait for it."""
+    model_dir = Path(model_dir)
+    meta = read_artifact(model_dir)
+    if meta["kind"] == "full":
+        return model_dir
+    merged = model_dir.with_name("merged")
+    if (merged / ARTIFACT_FILE).exists():
+        return merged
+    with file_lock(model_dir.with_name("merged.lock")):
+        if not (merged / ARTIFACT_FILE).exists():
+            model, tokenizer = merge_adapter(model_dir)
+            with artifact_writer(merged, kind="full", base=meta["base"], head=meta["head"]) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+    return merged
+
+
+class RunDir:
+    """One run directory (see the module docstring); `path` is `runs/NAME`."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    # ------------------------------------------------------------ layout
+
+    @property
+    def recipe_file(self) -> Path:
+        return self.path / "recipe.yaml"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.path / "report"
+
+    def stage_dir(self, name: str) -> Path:
+        return self.path / name
+
+    def model_dir(self, name: str) -> Path:
+        return self.stage_dir(name) / "model"
+
+    def checkpoint_dir(self, name: str) -> Path:
+        return self.stage_dir(name) / "checkpoints"
+
+    def metrics_file(self, name: str) -> Path:
+        return self.stage_dir(name) / "metrics.jsonl"
+
+    def eval_file(self, stage: str) -> Path:
+        return self.path / "evals" / f"{stage}.json"
+
+    def _manifest_file(self, name: str) -> Path:
+        return self.stage_dir(name) / "manifest.json"
+
+    def _result_file(self, name: str) -> Path:
+        return self.stage_dir(name) / "result.json"
+
+    # ------------------------------------------------------------ recipe, manifest, result, evals
+
+    def write_recipe(self, recipe: Recipe) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.recipe_file.write_text(dump_recipe(recipe))
+
+    def read_recipe(self) -> Recipe:
+        return parse_resolved(self.recipe_file.read_text())
+
+    def read_manifest(self, name: str) -> Optional[dict]:
+        return read_json(self._manifest_file(name))
+
+    def write_manifest(self, name: str, manifest: dict) -> None:
+        write_json_atomic(self._manifest_file(name), manifest)
+
+    def done(self, name: str) -> Optional[dict]:
+        """The stage's manifest when it says done and the artifact is present, else None."""
+        man = self.read_manifest(name)
+        if man and man.get("status") == "done" and self.model_dir(name).is_dir():
+            return man
+        return None
+
+    def read_result(self, name: str) -> Optional[dict]:
+        return read_json(self._result_file(name))
+
+    def write_result(self, name: str, result: dict) -> None:
+        write_json_atomic(self._result_file(name), result)
+
+    def clear_result(self, name: str) -> None:
+        self._result_file(name).unlink(missing_ok=True)
+
+    def read_evals(self, stage: str) -> Optional[dict]:
+        return read_json(self.eval_file(stage))
+
+    def write_evals(self, stage: str, results: dict) -> None:
+        write_json_atomic(self.eval_file(stage), results)
+
+    # ------------------------------------------------------------ models
+
+    def weights(self, recipe: Recipe, name: str) -> str:
+        """A folder (or hub id) of full weights for `base` or a finished stage of this run."""
+        if name == BASE:
+            return resolve_model_path(recipe.model.name_or_path)
+        return str(full_weights(self.model_dir(name)))
+
+    def artifact_writer(self, name: str, *, kind: str, base: Optional[str], head: str, main: bool = True):
+        """`artifact_writer` into the stage's `model/` folder."""
+        return artifact_writer(self.model_dir(name), kind=kind, base=base, head=head, main=main)
+
+    def checkpoints(self, name: str) -> list[Path]:
+        """The stage's checkpoint folders, oldest first."""
+        folder = self.checkpoint_dir(name)
+        found = [p for p in folder.glob("checkpoint-*") if _CHECKPOINT.match(p.name) and p.is_dir()] if folder.is_dir() else []
+        return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
+
+    def checkpoint(self, name: str, step: int) -> Path:
+        return self.checkpoint_dir(name) / f"checkpoint-{step}"
+
+    # ------------------------------------------------------------ metrics
+
+    def append_metrics(self, name: str, step: int, values: dict) -> None:
+        """One line `{"step", "time" (unix seconds), **values}` at the end of STAGE/metrics.jsonl."""
+        path = self.metrics_file(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+
+    def read_metrics(self, name: str) -> list[dict]:
+        """Every logged row of the stage, in order ([] when nothing was logged)."""
+        path = self.metrics_file(name)
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, name: str, step: int) -> None:
+        """Drop rows logged after `step` (a run cut off after its last checkpoint, about to resume from it)."""
+        path = self.metrics_file(name)
+        if path.exists():
+            keep = [row for row in self.read_metrics(name) if row.get("step", 0) <= step]
+            path.write_text("".join(json.dumps(row) + "\n" for row in keep))

@@ -1,0 +1,136 @@
+"""Load a recipe for use: the schema (`alignment.recipe`), then the rules that need the registries --
+stage methods and their TRL args, reward names and parameters, eval tasks -- then the registered defaults
+(a `rollout:` section for methods that generate) and absolute paths.
+
+Every problem is collected and raised once as a `RecipeError` naming file:line and key (the CLI exits 2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import graphlib
+from pathlib import Path
+
+from alignment.recipe import BASE, Problem, Recipe, RecipeError, RolloutConfig, line_for, parse_recipe
+from alignment.registry import did_you_mean
+from alignment.stages import STAGES, load_stages
+from evals import TASKS, check_task_args
+from rewards import build_reward
+
+# Keys alignkit sets itself; a recipe setting them would be silently overridden.
+RESERVED_ARGS = {"output_dir", "resume_from_checkpoint", "report_to", "overwrite_output_dir"}
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def load_recipe(path: str | Path, *, check_args: bool = True) -> Recipe:
+    """Parse and validate a recipe file; fill registered defaults; relative data/launch paths become absolute.
+
+    Args:
+        path: the recipe YAML.
+        check_args: check each stage's `args` against its method's config class.
+
+    Raises:
+        RecipeError: every problem found, each with file:line and key path.
+    """
+    path = Path(path)
+    recipe, lines = parse_recipe(path)
+    _fill_rollouts(recipe)
+    problems = check_recipe(recipe, check_args=check_args)
+    for p in problems:
+        p.line = p.line or line_for(lines, p.path)
+    if problems:
+        raise RecipeError(str(path), problems)
+    _absolutize(recipe, path.parent.resolve())
+    return recipe
+
+
+def _fill_rollouts(recipe: Recipe) -> None:
+    """Stages whose method generates get the whole `rollout:` section (its defaults), so the method's checks
+    and the resolved recipe see every generation setting."""
+    load_stages()
+    for st in recipe.stages.values():
+        if st.rollout is None and st.method in STAGES and STAGES.get(st.method).generates:
+            st.rollout = RolloutConfig()
+
+
+def _absolutize(recipe: Recipe, base: Path) -> None:
+    for ds in recipe.data.values():
+        local = base / ds.path
+        if local.exists() or ds.path.startswith((".", "/")) or Path(ds.path).suffix in DATA_SUFFIXES:
+            ds.path = str(local.resolve())
+    for launch in [recipe.launch] + [s.launch for s in recipe.stages.values() if s.launch]:
+        if launch.accelerate_config:
+            cfg = base / launch.accelerate_config
+            launch.accelerate_config = str(cfg.resolve() if cfg.exists() else cfg)
+    name = recipe.model.name_or_path
+    if not name.startswith("bundled:") and (base / name).is_dir():
+        recipe.model.name_or_path = str((base / name).resolve())
+
+
+def check_recipe(recipe: Recipe, *, check_args: bool = True) -> list[Problem]:
+    """Cross-field rules: stage references, cycles, data names, methods, TRL args, reward and eval names."""
+    load_stages()
+    problems: list[Problem] = []
+    stages = recipe.stages
+    for name, st in stages.items():
+        where = ("stages", name)
+        if st.method not in STAGES:
+            problems.append(Problem(where + ("method",), f"unknown method '{st.method}'{did_you_mean(st.method, STAGES.names())}; known: {', '.join(STAGES.names())}"))
+        if st.from_ != BASE and st.from_ not in stages:
+            problems.append(Problem(where + ("from",), f"'{st.from_}' is not a stage of this recipe{did_you_mean(st.from_, list(stages) + [BASE])}; stages: {', '.join([BASE] + list(stages))}"))
+        for i, ref in enumerate(st.data):
+            if ref.name not in recipe.data:
+                problems.append(Problem(where + ("data", i), f"dataset '{ref.name}' is not defined under data:{did_you_mean(ref.name, recipe.data)}; defined: {', '.join(recipe.data) or 'none'}"))
+        for i, r in enumerate(st.rewards):
+            dep = (r.model_extra or {}).get("stage")
+            if r.name == "reward_model" and dep not in stages:
+                problems.append(Problem(where + ("rewards", i, "stage"), f"reward_model needs `stage:` naming a reward stage of this recipe (got {dep!r})"))
+        if st.method in STAGES:
+            method = STAGES.get(st.method)
+            if check_args and method.config_class is not None:
+                problems += _check_args(method.config_class(), st.args, where + ("args",))
+            problems += method.check(recipe, name) if method.check else []
+    if not problems:
+        try:
+            recipe.order()
+        except graphlib.CycleError as e:
+            cycle = " -> ".join(e.args[1])
+            problems.append(Problem(("stages", e.args[1][0]), f"stages form a cycle: {cycle}"))
+    known = set(stages) | {BASE}
+    for i, ev in enumerate(recipe.evals):
+        for j, s in enumerate(ev.stages or []):
+            if s not in known:
+                problems.append(Problem(("evals", i, "stages", j), f"'{s}' is not a stage{did_you_mean(s, known)}"))
+        if ev.data is not None and ev.data not in recipe.data:
+            problems.append(Problem(("evals", i, "data"), f"dataset '{ev.data}' is not defined under data:{did_you_mean(ev.data, recipe.data)}"))
+    problems += _check_plugins(recipe)
+    return problems
+
+
+def _check_args(config_class, args: dict, path: tuple) -> list[Problem]:
+    fields = {f.name for f in dataclasses.fields(config_class) if f.init}
+    problems = []
+    for key in args:
+        if key in RESERVED_ARGS:
+            problems.append(Problem(path + (key,), f"'{key}' is set by alignkit (the run directory); remove it"))
+        elif key not in fields:
+            problems.append(Problem(path + (key,), f"unknown {config_class.__name__} argument '{key}'{did_you_mean(key, fields)}"))
+    return problems
+
+
+def _check_plugins(recipe: Recipe) -> list[Problem]:
+    """Reward names and parameters bind; eval tasks exist and take their args."""
+    problems = []
+    for name, st in recipe.stages.items():
+        for i, r in enumerate(st.rewards):
+            spec = {"name": r.name, "weight": r.weight, **(r.model_extra or {})}
+            try:
+                build_reward(spec)
+            except (KeyError, ValueError, TypeError, ImportError) as e:
+                msg = e.args[0] if e.args else str(e)
+                problems.append(Problem(("stages", name, "rewards", i, "name"), str(msg)))
+    for i, ev in enumerate(recipe.evals):
+        if ev.task not in TASKS:
+            problems.append(Problem(("evals", i, "task"), f"unknown eval task '{ev.task}'{did_you_mean(ev.task, TASKS.names())}; known: {', '.join(TASKS.names())}"))
+        else:
+            problems += [Problem(("evals", i, "args"), msg) for msg in check_task_args(ev.task, ev.args, has_data=ev.data is not None)]
+    return problems

@@ -1,0 +1,73 @@
+"""The run directory: atomic manifests, done = manifest done + artifact, atomic artifacts, metrics resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignment import rundir as rundir_module
+from alignment.models import ARTIFACT_FILE
+from alignment.rundir import RunDir, full_weights
+
+
+def test_manifest_write_is_atomic(tmp_path, monkeypatch):
+    rd = RunDir(tmp_path / "run")
+    rd.write_manifest("sft", {"status": "running", "fingerprint": "a"})
+
+    def half_then_crash(obj, fh, **kwargs):
+        fh.write('{"status": "do')
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rundir_module.json, "dump", half_then_crash)
+    with pytest.raises(OSError):
+        rd.write_manifest("sft", {"status": "done", "fingerprint": "b"})
+    monkeypatch.undo()
+    assert rd.read_manifest("sft") == {"status": "running", "fingerprint": "a"}  # the old one, whole
+    assert sorted(p.name for p in rd.stage_dir("sft").iterdir()) == ["manifest.json"]  # no temp file left
+
+
+def test_done_needs_the_manifest_and_the_artifact(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    assert rd.done("sft") is None  # nothing yet
+    rd.write_manifest("sft", {"status": "done", "fingerprint": "f"})
+    assert rd.done("sft") is None  # says done, but no model/
+    rd.model_dir("sft").mkdir(parents=True)
+    assert rd.done("sft") == {"status": "done", "fingerprint": "f"}
+    rd.write_manifest("sft", {"status": "running", "fingerprint": "f"})
+    assert rd.done("sft") is None
+
+
+def test_artifact_appears_whole_or_not_at_all(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    with rd.artifact_writer("sft", kind="full", base=None, head="causal_lm") as tmp:
+        (tmp / "weights.bin").write_text("v1")
+    model = rd.model_dir("sft")
+    assert (model / "weights.bin").read_text() == "v1"
+    assert json.loads((model / ARTIFACT_FILE).read_text()) == {"kind": "full", "base": None, "head": "causal_lm"}
+    assert full_weights(model) == model  # full weights are their own full weights
+
+    with pytest.raises(RuntimeError):
+        with rd.artifact_writer("sft", kind="adapter", base="/b", head="causal_lm") as tmp:
+            (tmp / "weights.bin").write_text("half")
+            raise RuntimeError("killed while saving")
+    assert (model / "weights.bin").read_text() == "v1"  # the finished artifact is untouched
+
+
+def test_truncate_metrics_drops_rows_after_the_checkpoint(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    for step in range(1, 6):
+        rd.append_metrics("ppo", step, {"loss": 1.0 / step})
+    rd.truncate_metrics("ppo", 3)
+    rd.append_metrics("ppo", 4, {"loss": 0.3})  # the resumed run logs step 4 again
+    rows = rd.read_metrics("ppo")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[1]["loss"] == 0.5 and rows[3]["loss"] == 0.3 and isinstance(rows[0]["time"], float)
+
+
+def test_checkpoints_sorted_by_step(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    for step in (10, 2, 30):
+        rd.checkpoint("sft", step).mkdir(parents=True)
+    (rd.checkpoint_dir("sft") / "checkpoint-x").mkdir()  # not a checkpoint
+    assert [p.name for p in rd.checkpoints("sft")] == ["checkpoint-2", "checkpoint-10", "checkpoint-30"]
+    assert RunDir(tmp_path / "other").checkpoints("sft") == []
