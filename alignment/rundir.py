@@ -103,6 +103,16 @@ def full_weights(model_dir: Path) -> Path:
     return merged
 
 
+CHECKPOINT_STATE = "trainer_state.json"  # the last file HF Trainer (and PPO's save) writes into a checkpoint
+
+
+def checkpoint_complete(folder: Path) -> bool:
+    """Whether a checkpoint was written to the end: transformers' Trainer writes `trainer_state.json` after the
+    weights, optimizer, scheduler and RNG states (PPO's `save` does the same), so a folder without it -- or with
+    a cut-off one -- was interrupted while saving (kill -9, a full disk) and must not be resumed from."""
+    return read_json(Path(folder) / CHECKPOINT_STATE) is not None
+
+
 class RunDir:
     """One run directory (see the module docstring); `path` is `runs/NAME`."""
 
@@ -193,10 +203,13 @@ class RunDir:
         """`artifact_writer` into the stage's `model/` folder."""
         return artifact_writer(self.model_dir(name), kind=kind, base=base, head=head, main=main)
 
-    def checkpoints(self, name: str) -> list[Path]:
-        """The stage's checkpoint folders, oldest first."""
+    def checkpoints(self, name: str, *, complete: bool = True) -> list[Path]:
+        """The stage's checkpoint folders, oldest first: only complete ones (`checkpoint_complete`), or
+        with `complete=False` every one, a folder cut off while it was being written included."""
         folder = self.checkpoint_dir(name)
         found = [p for p in folder.glob("checkpoint-*") if _CHECKPOINT.match(p.name) and p.is_dir()] if folder.is_dir() else []
+        if complete:
+            found = [p for p in found if checkpoint_complete(p)]
         return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
 
     def checkpoint(self, name: str, step: int) -> Path:

@@ -18,6 +18,7 @@ import functools
 import importlib
 import os
 import pkgutil
+import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,7 +192,15 @@ class StageContext:
     # ------------------------------------------------------------ TRL glue
 
     def last_checkpoint(self) -> Optional[str]:
+        """The newest complete checkpoint. Newer ones cut off while being saved are removed, saying so, so the
+        resumed run writes them again from scratch."""
         found = self.rundir.checkpoints(self.name)
+        last = int(found[-1].name.split("-")[-1]) if found else -1
+        for partial in self.rundir.checkpoints(self.name, complete=False):
+            if partial not in found and int(partial.name.split("-")[-1]) > last:
+                print(f"alignkit: {partial.name} of {self.name} is incomplete (cut off while saving); "
+                      f"{'resuming from ' + found[-1].name if found else 'starting over'}", flush=True)
+                shutil.rmtree(partial, ignore_errors=True)
         return str(found[-1]) if found else None
 
     def trl_config(self, cls):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import pickle
@@ -36,6 +37,7 @@ from alignment.algos import (
 from alignment.recipe import _pydantic_problems
 from alignment.registry import did_you_mean
 from alignment.rollout import Completion, SamplingConfig
+from alignment.rundir import CHECKPOINT_STATE
 from alignment.stages import StageContext, StageResult, reward_trend, stage
 
 
@@ -494,6 +496,7 @@ class PPOTrainer:
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save({"update": self.update, "optimizer": self.optimizer.state_dict(), "rng": rng,
                     "scheduler": self.scheduler.state_dict(), "kl_coef": self.kl_ctl.kl_coef}, tmp / "state.pt")
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps({"global_step": self.update}))  # last: the folder is complete
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
 

@@ -56,6 +56,28 @@ def test_killed_stage_resumes_from_its_last_checkpoint(tmp_path, tiny_model_path
     assert steps == list(range(1, 13))  # each step logged once across the two runs
 
 
+def test_a_checkpoint_cut_off_while_saving_is_skipped_for_the_previous_one(tmp_path, tiny_model_path, capfd):
+    recipe = write_recipe(tmp_path, tiny_model_path, {"sft": SFT})
+    runs = tmp_path / "runs"
+    res = run_cli(recipe, "--run-dir", runs, env={"ALIGNKIT_FAULT_KILL_AFTER_SAVE": "8"})
+    assert res.exit_code == 1
+    run_dir = runs / "t"
+    cut = run_dir / "sft" / "checkpoints" / "checkpoint-8"
+    (cut / "trainer_state.json").unlink()  # as if killed (or out of disk) before the save's last file
+    (cut / "optimizer.pt").write_bytes(b"\x80\x02truncat")
+
+    capfd.readouterr()
+    res = run_cli(recipe, "--run-dir", runs)
+    assert res.exit_code == 0, res.output
+    child = capfd.readouterr().out  # the stage process writes to the real stdout
+    assert "checkpoint-8 of sft is incomplete" in child and "resuming sft from checkpoint-4" in child
+    assert not (run_dir / "sft" / "checkpoints" / "checkpoint-8").exists() or \
+        (run_dir / "sft" / "checkpoints" / "checkpoint-8" / "trainer_state.json").exists()  # written again, whole
+    assert manifest(run_dir, "sft")["status"] == "done"
+    steps = [row["step"] for row in metrics(run_dir, "sft") if "loss" in row]
+    assert steps == list(range(1, 13))  # steps 5-8 logged again after the resume from 4, once each
+
+
 def test_second_run_on_same_run_dir_is_refused(tmp_path, tiny_model_path):
     recipe = write_recipe(tmp_path, tiny_model_path, {"sft": SFT})
     run_dir = tmp_path / "runs" / "t"

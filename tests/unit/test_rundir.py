@@ -68,6 +68,19 @@ def test_checkpoints_sorted_by_step(tmp_path):
     rd = RunDir(tmp_path / "run")
     for step in (10, 2, 30):
         rd.checkpoint("sft", step).mkdir(parents=True)
+        (rd.checkpoint("sft", step) / "trainer_state.json").write_text('{"global_step": %d}' % step)
     (rd.checkpoint_dir("sft") / "checkpoint-x").mkdir()  # not a checkpoint
     assert [p.name for p in rd.checkpoints("sft")] == ["checkpoint-2", "checkpoint-10", "checkpoint-30"]
     assert RunDir(tmp_path / "other").checkpoints("sft") == []
+
+
+def test_a_checkpoint_cut_off_while_saving_does_not_count(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    for step in (5, 10, 15):
+        rd.checkpoint("sft", step).mkdir(parents=True)
+        (rd.checkpoint("sft", step) / "model.safetensors").write_bytes(b"weights")
+    (rd.checkpoint("sft", 5) / "trainer_state.json").write_text('{"global_step": 5}')
+    (rd.checkpoint("sft", 10) / "trainer_state.json").write_text('{"global_step": 10')  # cut off mid-write
+    # 15: killed before its state was written
+    assert [p.name for p in rd.checkpoints("sft")] == ["checkpoint-5"]
+    assert [p.name for p in rd.checkpoints("sft", complete=False)] == ["checkpoint-5", "checkpoint-10", "checkpoint-15"]
