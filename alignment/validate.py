@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import graphlib
+import re
+import typing
 from pathlib import Path
 
 from alignment.recipe import BASE, Problem, Recipe, RecipeError, RolloutConfig, line_for, parse_recipe
@@ -87,7 +89,8 @@ def check_recipe(recipe: Recipe, *, check_args: bool = True) -> list[Problem]:
         if st.method in STAGES:
             method = STAGES.get(st.method)
             if check_args and method.config_class is not None:
-                problems += _check_args(method.config_class(), st.args, where + ("args",))
+                found = _check_args(method.config_class(), st.args, where + ("args",))
+                problems += found or _build_config(recipe, name, method.config_class(), where + ("args",))
             problems += method.check(recipe, name) if method.check else []
     if not problems:
         try:
@@ -115,6 +118,51 @@ def _check_args(config_class, args: dict, path: tuple) -> list[Problem]:
         elif key not in fields:
             problems.append(Problem(path + (key,), f"unknown {config_class.__name__} argument '{key}'{did_you_mean(key, fields)}"))
     return problems
+
+
+SCALARS = (int, float, bool)
+
+
+def _scalar_type(hint):
+    """`int`, `float`, `bool`, `int | float` (None allowed) -> a pydantic-checkable type; else None (not checked)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_args(hint) else [hint]
+    return hint if args and all(a in SCALARS for a in args) else None
+
+
+def _build_config(recipe: Recipe, name: str, config_class, path: tuple) -> list[Problem]:
+    """A TRL stage's `args` as its trainer will take them: each number-, int- or bool-typed value checked and
+    converted in pydantic's lax mode (YAML 1.1 reads `1e-3` as a string: it becomes the number the user meant,
+    written back into the recipe), then the config object built as `StageContext.trl_config` builds it, so its own
+    checks (batch geometry, generation counts, incompatible flags) fail here with the recipe's key and line."""
+    import pydantic
+    import transformers
+
+    from alignment.stages import trainer_kwargs
+
+    if not issubclass(config_class, transformers.TrainingArguments):
+        return []  # e.g. PPOConfig: a pydantic dataclass checked by its stage's own `check`
+    args, problems = recipe.stages[name].args, []
+    hints = typing.get_type_hints(config_class)
+    for key, value in args.items():
+        kind = _scalar_type(hints.get(key))
+        if kind is None:
+            continue
+        try:
+            converted = pydantic.TypeAdapter(kind).validate_python(value)
+        except pydantic.ValidationError as err:
+            problems.append(Problem(path + (key,), f"{err.errors()[0]['msg'].lower()} for {config_class.__name__}.{key} (got {value!r})"))
+            continue
+        if isinstance(value, str):
+            args[key] = converted
+    if problems:
+        return problems
+    try:
+        config_class(**trainer_kwargs(recipe, name, Path("unused")))
+    except Exception as err:  # the trainer's own refusal, in its words
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        named = [k for k in args if re.search(rf"\b{re.escape(k)}\b", message)]
+        return [Problem(path + ((named[0],) if named else ()), f"{config_class.__name__} refuses these args: {message}")]
+    return []
 
 
 def _check_plugins(recipe: Recipe) -> list[Problem]:

@@ -73,6 +73,23 @@ def trainer_defaults(recipe: Recipe, name: str) -> dict[str, Any]:
     )
 
 
+def trainer_kwargs(recipe: Recipe, name: str, output_dir: Path) -> dict[str, Any]:
+    """What a stage's TRL config is built from: this machine's precision and device < `effective_args`
+    (registered defaults < the recipe's `args`) < run-directory paths. `validate` builds the same config, so
+    what the trainer would refuse at construction is refused before any model loads."""
+    import torch
+
+    from alignment.models import torch_dtype
+
+    model = recipe.stage_model(name)
+    # TRL casts QLoRA's trainable weights to bf16 (QLoRA paper); bf16 autocast keeps the
+    # float32 activations of a CPU run compatible with them (e.g. a reward model's new head).
+    bf16 = (torch_dtype(model.dtype) == torch.bfloat16 and torch.cuda.is_available()) or (
+        model.quantization is not None and model.quantization.bits == 4)
+    return {"bf16": bf16, "use_cpu": not torch.cuda.is_available(), **effective_args(recipe, name),
+            "output_dir": str(output_dir), "report_to": []}
+
+
 def load_stages() -> None:
     """Import every module of this package so each registers its method."""
     for mod in pkgutil.iter_modules(__path__):
@@ -204,20 +221,8 @@ class StageContext:
         return str(found[-1]) if found else None
 
     def trl_config(self, cls):
-        """Build the stage's TRL config: this machine's precision and device < `effective_args` (registered
-        defaults < the recipe's `args`) < run-directory paths. Records its values in `trainer_config`."""
-        import torch
-
-        from alignment.models import torch_dtype
-
-        # TRL casts QLoRA's trainable weights to bf16 (QLoRA paper); bf16 autocast keeps the
-        # float32 activations of a CPU run compatible with them (e.g. a reward model's new head).
-        bf16 = (torch_dtype(self.model_cfg.dtype) == torch.bfloat16 and torch.cuda.is_available()) or (
-            self.model_cfg.quantization is not None and self.model_cfg.quantization.bits == 4)
-        values = dict(bf16=bf16, use_cpu=not torch.cuda.is_available())
-        values.update(self.args)
-        values.update(output_dir=str(self.checkpoint_dir), report_to=[])
-        config = cls(**values)
+        """Build the stage's TRL config (`trainer_kwargs`); records its values in `trainer_config`."""
+        config = cls(**trainer_kwargs(self.recipe, self.name, self.checkpoint_dir))
         self.trainer_config = config.to_dict()
         return config
 

@@ -225,7 +225,7 @@ def test_resume_never_unpickles_code_from_the_run_directory(tmp_path):
     trainer.step(toy_prompts(0), share_of_sevens)
     folder = tmp_path / "checkpoint-1"
     trainer.save(folder)
-    assert sorted(p.name for p in folder.iterdir()) == ["policy", "state.pt", "value_head.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["policy", "state.pt", "trainer_state.json", "value_head.safetensors"]
     marker = tmp_path / "pwned"
     planted = {"update": 1, "optimizer": _Payload(f"open({str(marker)!r}, 'w').write('ran')")}
     torch.save(planted, folder / "state.pt")  # torch.save pickles, so _Payload.__reduce__ is kept

@@ -188,3 +188,28 @@ def test_generating_methods_get_a_full_rollout_section(tmp_path):
     assert "num_generations: 4" in dump_recipe(recipe)  # the resolved recipe shows it
     args = effective_args(recipe, "grpo")
     assert args["per_device_train_batch_size"] == 8 and args["num_generations"] == 4 and args["reward_weights"] == [1.0]
+
+
+def test_trl_args_are_typed_and_built_at_validate_time(tmp_path):
+    """What the trainer would refuse at construction fails in validate, with the key and line; YAML 1.1's
+    `1e-3` (a string) is the number the user meant."""
+    recipe = load_recipe(write(tmp_path, GOOD.replace("learning_rate: 1.0e-3", "learning_rate: 1e-3")))
+    assert recipe.stages["sft"].args["learning_rate"] == 1e-3 and isinstance(recipe.stages["sft"].args["learning_rate"], float)
+
+    msg = error_of(write(tmp_path, GOOD.replace("max_steps: 3", "max_steps: ten")))
+    assert "r.yaml:12: stages.sft.args.max_steps" in msg and "valid integer" in msg and "'ten'" in msg
+    msg = error_of(write(tmp_path, GOOD.replace("beta: 0.1", "beta: high")))
+    assert "r.yaml:17: stages.dpo.args.beta" in msg and "'high'" in msg
+
+    grpo = GOOD + """\
+  grpo:
+    method: grpo
+    from: sft
+    data: [sft]
+    rewards: [{name: math_accuracy}]
+    rollout: {num_generations: 3}
+    args: {per_device_train_batch_size: 4}
+"""
+    msg = error_of(write(tmp_path, grpo))
+    assert "r.yaml:24: stages.grpo.args: GRPOConfig refuses these args" in msg
+    assert "must be divisible by num_generations (3)" in msg
