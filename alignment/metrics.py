@@ -68,6 +68,8 @@ METRICS: dict[str, Metric] = {
     "reward/std": Metric("its standard deviation over the rollout", "score", "reward"),
     "reward/<fn>/mean": Metric("one reward function's mean score (its None scores left out)", "score", "reward"),
     "reward/<fn>/std": Metric("one reward function's score standard deviation", "score", "reward"),
+    "reward/<fn>/missing": Metric("scores the reward function lost since the last row (NaN, inf, not a number, raised): "
+                                  "counted as None, 0 in the total", "count"),
     "reward/zero_std_frac": Metric("share of prompts whose completions all scored the same (no GRPO signal)",
                                    "share", "reward"),
     "kl/ref": Metric("KL(policy || reference) per sequence: the estimator summed over tokens, mean over sequences",

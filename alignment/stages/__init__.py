@@ -110,6 +110,7 @@ class StageContext:
     name: str
     run_dir: Path
     trainer_config: dict[str, Any] = field(default_factory=dict)  # the built config, for the manifest
+    reward_funcs: list = field(default_factory=list)  # set by `reward_functions`
 
     @property
     def spec(self) -> StageConfig:
@@ -174,7 +175,10 @@ class StageContext:
         """The stage's `rewards:` as (functions, weights), TRL's reward_funcs / reward_weights."""
         from rewards import combine_rewards
 
-        return combine_rewards([{"name": r.name, "weight": r.weight, **(r.model_extra or {})} for r in self.spec.rewards])
+        funcs, weights = combine_rewards([{"name": r.name, "weight": r.weight, **(r.model_extra or {})}
+                                          for r in self.spec.rewards])
+        self.reward_funcs = funcs  # `log_metrics` adds their `reward/<fn>/missing` counts to each row
+        return funcs, weights
 
     def rollout_engine(self, policy, tokenizer, *, seed: int):
         """The `rollout:` engine, started from this stage's start weights and given `policy`'s (the live
@@ -194,7 +198,10 @@ class StageContext:
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         """Append {"step", "time", **metrics} (numbers only; keys from alignment/metrics.py) to metrics.jsonl."""
-        self.rundir.append_metrics(self.name, step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        from rewards import missing_metrics
+
+        values = {k: v for k, v in metrics.items() if isinstance(v, (int, float))} | missing_metrics(self.reward_funcs)
+        self.rundir.append_metrics(self.name, step, values)
 
     def progress(self, total: int, completed: int = 0) -> "Progress":
         return Progress(self.name, total, completed)

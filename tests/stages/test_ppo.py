@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import random
 
 import pytest
@@ -400,3 +401,23 @@ def test_qlora(tmp_path, tiny_model_path):
     run_dir = ppo_only(tmp_path, tiny_model_path, {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
                        model={**LORA, "quantization": {"bits": 4}})
     assert (run_dir / "ppo" / "model" / "adapter_model.safetensors").exists()
+
+
+def test_a_reward_that_returns_nan_is_counted_and_does_not_poison_the_update(tmp_path, tiny_model_path):
+    """Shared case 10: NaN scores become None (0 in the total), are logged per update as
+    `reward/<fn>/missing`, and the policy stays finite."""
+    (tmp_path / "flaky.py").write_text(
+        "def every_third_nan(prompts, completions, **kw):\n"
+        "    return [float('nan') if i % 3 == 0 else 1.0 for i in range(len(completions))]\n")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"{i}+1="} for i in range(8)])
+    recipe = write_recipe(tmp_path, tiny_model_path, {"ppo": {
+        "method": "ppo", "data": ["prompts"], "rewards": [{"name": "flaky.every_third_nan"}],
+        "rollout": {"backend": "hf", "num_generations": 2, "max_new_tokens": 4},
+        "args": {"max_steps": 2, "per_device_train_batch_size": 8, "num_mini_batches": 1, "num_ppo_epochs": 1,
+                 "learning_rate": 1.0e-3}}},
+        data={"prompts": {"path": "prompts.jsonl"}}, model={"adapter": {"method": "lora", "r": 4, "dropout": 0.0}})
+    res = run_cli(recipe, "--run-dir", tmp_path / "runs")
+    assert res.exit_code == 0, res.output
+    rows = metrics(tmp_path / "runs" / "t", "ppo")
+    assert [r["reward/flaky.every_third_nan/missing"] for r in rows] == [3, 3]  # 8 scores per update (4 prompts x 2): i = 0, 3, 6
+    assert all(math.isfinite(r["policy/loss"]) and math.isfinite(r["reward/mean"]) for r in rows)
