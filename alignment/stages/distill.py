@@ -12,13 +12,23 @@ share the student's tokenizer (checked by `alignkit validate`). TRL's GKDTrainer
 """
 from __future__ import annotations
 
+import warnings
+
 from alignment.stages import StageContext, StageResult, stage, trainer_defaults
 
 
-def _config():
-    from trl.experimental.gkd import GKDConfig  # experimental in TRL 1.16; tests/stages/test_distill.py pins it
+def _gkd():
+    """TRL 1.16's experimental GKD classes (tests/stages/test_distill.py pins them), without TRL's warning that
+    experimental APIs may change."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    return GKDConfig
+    return GKDConfig, GKDTrainer
+
+
+def _config():
+    return _gkd()[0]
 
 
 def teacher_path(recipe, name: str, weights) -> str:
@@ -30,19 +40,21 @@ def teacher_path(recipe, name: str, weights) -> str:
     return weights(teacher) if teacher in recipe.stages or teacher == BASE else resolve_model_path(teacher)
 
 
-def _tokenizer_problem(student: str, teacher: str) -> str | None:
+def _tokenizer_problem(student: str, teacher: str, trust_remote_code: bool = False) -> str | None:
     """Why `teacher` cannot teach `student` (paths or hub ids), or None: their tokenizers' vocabularies (token ->
     id) and their configs' vocab_size must agree -- tokenizer files and config.json only, no weights."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
-    a, b = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(teacher)
-    va, vb = a.get_vocab(), b.get_vocab()
+    from alignment.models import load_tokenizer
+
+    va, vb = (load_tokenizer(p, trust_remote_code=trust_remote_code).get_vocab() for p in (student, teacher))
     if va != vb:
         differ = sorted(set(va.items()) ^ set(vb.items()), key=lambda kv: kv[1])[:3]
         return (f"the teacher's tokenizer differs from the student's ({len(vb)} vs {len(va)} tokens; e.g. "
                 f"{', '.join(f'{t!r}={i}' for t, i in differ)}): distillation compares next-token distributions "
                 f"over one vocabulary; use a teacher of the same model family (same tokenizer)")
-    sizes = [AutoConfig.from_pretrained(p).get_text_config().vocab_size for p in (student, teacher)]
+    sizes = [AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code).get_text_config().vocab_size
+             for p in (student, teacher)]
     if sizes[0] != sizes[1]:
         return (f"the teacher's vocab_size ({sizes[1]}) differs from the student's ({sizes[0]}): their logits "
                 f"cannot be compared token by token")
@@ -62,7 +74,8 @@ def _check(recipe, name):
     if teacher in recipe.stages or teacher == BASE:
         return []  # every stage descends from base and saves base's tokenizer
     try:
-        problem = _tokenizer_problem(resolve_model_path(recipe.model.name_or_path), resolve_model_path(teacher))
+        problem = _tokenizer_problem(resolve_model_path(recipe.model.name_or_path), resolve_model_path(teacher),
+                                     recipe.model.trust_remote_code)
     except (OSError, ValueError) as err:
         problem = f"cannot read the teacher {teacher!r} (a stage of this recipe, a model folder or a hub id): {err}"
     return [Problem(where, problem)] if problem else []
@@ -81,9 +94,9 @@ def _defaults(recipe, name):
 
 @stage("distill", config=_config, formats=("messages", "prompt_completion"), check=_check, defaults=_defaults)
 def run(ctx: StageContext) -> StageResult:
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-
     from alignment.models import load_model
+
+    GKDConfig, GKDTrainer = _gkd()
 
     tokenizer = ctx.tokenizer()
     train = ctx.dataset()
