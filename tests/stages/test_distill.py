@@ -175,3 +175,12 @@ def test_alignkit_list_shows_distill_and_judge():
     rewards_line = next(line for line in out.splitlines() if line.startswith("rewards:"))
     assert "judge" in rewards_line.split(": ")[1].split(", ")
     assert "judge_score" in out and "judge_win_rate" in out
+
+
+def test_quickstart_recipe_validates():
+    from pathlib import Path
+
+    from alignment.validate import load_recipe
+
+    recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "quickstart" / "distill.yaml")
+    assert recipe.order() == ["sft", "distill"] and recipe.stages["distill"].teacher == "sft"
