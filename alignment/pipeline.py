@@ -119,7 +119,8 @@ def stage_inputs(recipe: Recipe, name: str, fingerprints: dict[str, str]) -> dic
         "args": effective_args(recipe, name),
         "rewards": [r.model_dump(mode="json") for r in st.rewards],
         "rollout": st.rollout.model_dump(mode="json") if st.rollout else None,
-        "depends_on": {d: fingerprints.get(d) for d in stage_dependencies(st)},
+        "depends_on": {d: fingerprints.get(d) for d in stage_dependencies(st, recipe.stages)},
+        **({"teacher": st.teacher} if st.teacher else {}),  # a teacher folder's name; a stage's is in depends_on
         "seed": recipe.seed,
         "versions": {k: v.split(".")[0] for k, v in versions().items()},
     }

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import graphlib
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Container, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -120,6 +120,9 @@ class StageConfig(Strict):
     rewards: list[RewardSpec] = Field(default_factory=list, description="reward functions (grpo, ppo)")
     rollout: Optional[RolloutConfig] = Field(None, description="generation settings (grpo, ppo)")
     launch: Optional[LaunchConfig] = Field(None, description="override the recipe's launch for this stage")
+    teacher: Optional[str] = Field(None, description=(
+        "distill: the teacher model -- an earlier stage, base, a local folder or a hub id; it may differ in size "
+        "but must share the student's tokenizer"))
 
     @field_validator("data", mode="before")
     @classmethod
@@ -169,7 +172,7 @@ class Recipe(Strict):
 
     def order(self) -> list[str]:
         """Stages in dependency order (`from:` and reward-model stages first)."""
-        graph = {name: stage_dependencies(st) for name, st in self.stages.items()}
+        graph = {name: stage_dependencies(st, self.stages) for name, st in self.stages.items()}
         return list(graphlib.TopologicalSorter(graph).static_order())
 
     def ancestors(self, stage: str) -> list[str]:
@@ -179,14 +182,17 @@ class Recipe(Strict):
             name = todo.pop()
             if name not in needed:
                 needed.add(name)
-                todo.extend(stage_dependencies(self.stages[name]))
+                todo.extend(stage_dependencies(self.stages[name], self.stages))
         return [s for s in self.order() if s in needed]
 
 
-def stage_dependencies(stage: StageConfig) -> list[str]:
+def stage_dependencies(stage: StageConfig, stages: Container[str] = ()) -> list[str]:
+    """The stages `stage` needs: its `from`, reward models, and -- when they name one of `stages` (the recipe's)
+    rather than a folder -- its `teacher` and a judge's `model`."""
     deps = [] if stage.from_ == BASE else [stage.from_]
     deps += [r.model_extra["stage"] for r in stage.rewards if r.name == "reward_model" and "stage" in (r.model_extra or {})]
-    return deps
+    named = [stage.teacher] + [(r.model_extra or {}).get("model") for r in stage.rewards if r.name == "judge"]
+    return deps + [n for n in named if n in stages]
 
 
 # ---------------------------------------------------------------- errors with file:line

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.set_seed(recipe.seed + int(os.environ.get("RANK", 0)) * 100003)
     ctx = StageContext(recipe=recipe, name=name, run_dir=run_dir)
     _install_reward_model_loader(run_dir)
+    _install_judge_resolver(ctx)
     ctx.rundir.stage_dir(name).mkdir(parents=True, exist_ok=True)
     result = STAGES.get(recipe.stages[name].method)(ctx)
     if int(os.environ.get("RANK", 0)) == 0:
@@ -46,6 +47,14 @@ def _install_reward_model_loader(run_dir: Path) -> None:
 
     rundir = RunDir(run_dir)
     set_stage_model_loader(lambda stage: RewardScorer.load(rundir.model_dir(stage)))
+
+
+def _install_judge_resolver(ctx) -> None:
+    """`rewards: [{name: judge, model: sft}]` asks this run's `sft` artifact (full weights); other names are folders."""
+    from alignment.recipe import BASE
+    from rewards.judge import set_stage_resolver
+
+    set_stage_resolver(lambda name: ctx.weights(name) if name in ctx.recipe.stages or name == BASE else None)
 
 
 if __name__ == "__main__":

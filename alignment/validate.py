@@ -36,12 +36,12 @@ def load_recipe(path: str | Path, *, check_args: bool = True) -> Recipe:
     path = Path(path)
     recipe, lines = parse_recipe(path)
     _fill_rollouts(recipe)
+    _absolutize(recipe, path.parent.resolve())  # first: checks that read a teacher's or judge's files find them
     problems = check_recipe(recipe, check_args=check_args)
     for p in problems:
         p.line = p.line or line_for(lines, p.path)
     if problems:
         raise RecipeError(str(path), problems)
-    _absolutize(recipe, path.parent.resolve())
     return recipe
 
 
@@ -66,6 +66,13 @@ def _absolutize(recipe: Recipe, base: Path) -> None:
     name = recipe.model.name_or_path
     if not name.startswith("bundled:") and (base / name).is_dir():
         recipe.model.name_or_path = str((base / name).resolve())
+    for st in recipe.stages.values():  # a teacher or judge folder beside the recipe (a stage name is no folder)
+        if st.teacher and st.teacher not in recipe.stages and (base / st.teacher).is_dir():
+            st.teacher = str((base / st.teacher).resolve())
+        for r in st.rewards:
+            folder = (r.model_extra or {}).get("model") if r.name == "judge" else None
+            if isinstance(folder, str) and folder not in recipe.stages and (base / folder).is_dir():
+                r.model_extra["model"] = str((base / folder).resolve())
 
 
 def check_recipe(recipe: Recipe, *, check_args: bool = True) -> list[Problem]:
@@ -86,6 +93,11 @@ def check_recipe(recipe: Recipe, *, check_args: bool = True) -> list[Problem]:
             dep = (r.model_extra or {}).get("stage")
             if r.name == "reward_model" and dep not in stages:
                 problems.append(Problem(where + ("rewards", i, "stage"), f"reward_model needs `stage:` naming a reward stage of this recipe (got {dep!r})"))
+            judge = (r.model_extra or {}).get("model")
+            if r.name == "judge" and isinstance(judge, str) and not is_model_source(judge, stages):
+                problems.append(Problem(where + ("rewards", i, "model"), f"judge model {judge!r} is neither a stage of this recipe{did_you_mean(judge, list(stages) + [BASE])}, a model folder nor an http:// URL"))
+        if st.teacher is not None and st.method != "distill":
+            problems.append(Problem(where + ("teacher",), f"only method distill reads `teacher:` (this stage is {st.method}); remove it"))
         if st.method in STAGES:
             method = STAGES.get(st.method)
             if check_args and method.config_class is not None:
@@ -107,6 +119,12 @@ def check_recipe(recipe: Recipe, *, check_args: bool = True) -> list[Problem]:
             problems.append(Problem(("evals", i, "data"), f"dataset '{ev.data}' is not defined under data:{did_you_mean(ev.data, recipe.data)}"))
     problems += _check_plugins(recipe)
     return problems
+
+
+def is_model_source(name: str, stages) -> bool:
+    """A judge's `model:` can be read: a stage of the recipe, base, a bundled model, a folder, or an http(s) URL
+    (loopback is checked by the reward itself)."""
+    return name in stages or name == BASE or Path(name).is_dir() or name.startswith(("bundled:", "http://", "https://"))
 
 
 def _check_args(config_class, args: dict, path: tuple) -> list[Problem]:

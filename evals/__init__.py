@@ -2,7 +2,8 @@
 
 A task is `fn(ctx: EvalContext, **args) -> EvalResult` (see `evals.base`: `ctx.generate` gives
 `alignment.rollout.Completion`s, `ctx.reward_scores` scores with `alignment.models.RewardScorer`);
-the built-in ones are in `evals.tasks`: accuracy (greedy + pass@k), reward_score, win_rate,
+the built-in ones are in `evals.tasks`: accuracy (greedy + pass@k), reward_score, win_rate, judge_score,
+judge_win_rate (an LLM judge, `rewards.judge`),
 preference_accuracy, perplexity, kl, length, lm_eval. `run_evals` writes `runs/NAME/evals/STAGE.json`, `write_report` the report.
 
     @task("my_task")

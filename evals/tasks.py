@@ -154,6 +154,84 @@ def win_rate(ctx: EvalContext, *, reward_stage: str, baseline: str = "base", max
     return EvalResult(metrics, samples, main="win_rate", higher_is_better={"win_rate": True, "reward": True})
 
 
+# ---------------------------------------------------------------- LLM judge (rewards.judge)
+
+
+def _judge(ctx: EvalContext, judge: str, tokenizer: Optional[str], max_new_tokens: int):
+    """The `rewards.judge.Judge` for an eval: a stage of the run or folder (`ctx.model_dir`), or a loopback URL."""
+    from rewards.judge import Judge
+
+    source = judge if judge.startswith(("http://", "https://")) else ctx.model_dir(judge)
+    return Judge(source, tokenizer=ctx.model_dir(tokenizer) if tokenizer else None, backend="hf", dtype=ctx.dtype,
+                 max_new_tokens=max_new_tokens, batch_size=ctx.batch_size)
+
+
+@task("judge_score")
+def judge_score(ctx: EvalContext, *, judge: str, template: Optional[str] = None, verdict: str = "score",
+                min_score: float = 1.0, max_score: float = 10.0, tokenizer: Optional[str] = None,
+                max_new_tokens: int = 128, judge_max_new_tokens: int = 16, temperature: float = 0.0) -> EvalResult:
+    """Mean verdict of an LLM judge (`rewards.judge`) on the model's completions; `unparsed` is the share of
+    replies that gave no verdict (left out of the mean).
+
+    Args:
+        judge: a stage of the run, a model folder, or http://127.0.0.1:PORT (an OpenAI-compatible server).
+        template, verdict, min_score, max_score, tokenizer: as the `judge` reward's.
+        max_new_tokens, temperature: the evaluated model's generation (greedy by default).
+        judge_max_new_tokens: the judge's reply length.
+    """
+    from rewards.judge import TEMPLATES
+
+    prompts = _prompts(ctx)
+    texts = [g[0].text for g in ctx.generate(prompts, max_new_tokens, temperature=temperature)]
+    columns = {k: [r.get(k) for r in ctx.rows] for k in ctx.rows[0] if k not in ("prompt", "completion")}
+    scorer = _judge(ctx, judge, tokenizer, judge_max_new_tokens)
+    try:
+        scores = scorer.score(prompts, texts, template=template or TEMPLATES[verdict], verdict=verdict,
+                              min_score=min_score, max_score=max_score, columns=columns)
+    finally:
+        scorer.close()
+    parsed = [s for s in scores if s is not None]
+    metrics = {"judge_score": _mean(parsed), "unparsed": 1 - len(parsed) / len(scores)}
+    samples = [{"prompt": prompt_text(p), "completion": t, "score": s} for p, t, s in zip(prompts, texts, scores)]
+    return EvalResult(metrics, samples, main="judge_score", higher_is_better={"judge_score": True, "unparsed": False})
+
+
+@task("judge_win_rate")
+def judge_win_rate(ctx: EvalContext, *, judge: str, baseline: str = "base", template: Optional[str] = None,
+                   tokenizer: Optional[str] = None, max_new_tokens: int = 128, judge_max_new_tokens: int = 8,
+                   temperature: float = 0.0) -> EvalResult:
+    """Share of prompts where an LLM judge prefers the model's completion to the baseline's, asked pairwise in
+    both orders (`rewards.judge.Judge.compare`: a split verdict counts half). Prompts where no reply names A or B
+    are left out and counted in `unparsed`.
+
+    Args:
+        judge: a stage of the run, a model folder, or http://127.0.0.1:PORT.
+        baseline: the stage (or folder) to beat; default: the recipe's base model.
+        template: jinja2 pairwise question (prompt, completion_a, completion_b); default
+            `rewards.judge.PAIRWISE_TEMPLATE`. tokenizer: as the `judge` reward's.
+        max_new_tokens, temperature: generation of both models (greedy by default).
+        judge_max_new_tokens: the judge's reply length.
+    """
+    from rewards.judge import PAIRWISE_TEMPLATE
+
+    prompts = _prompts(ctx)
+    ours = [g[0].text for g in ctx.generate(prompts, max_new_tokens, temperature=temperature)]
+    theirs = [g[0].text for g in ctx.generate(prompts, max_new_tokens, temperature=temperature,
+                                                model_path=ctx.model_dir(baseline))]
+    scorer = _judge(ctx, judge, tokenizer, judge_max_new_tokens)
+    try:
+        wins = scorer.compare(prompts, ours, theirs, template=template or PAIRWISE_TEMPLATE)
+    finally:
+        scorer.close()
+    decided = [w for w in wins if w is not None]
+    metrics = {"judge_win_rate": _mean(decided), "unparsed": 1 - len(decided) / len(wins)}
+    samples = [{"prompt": prompt_text(p), "completion": o, "baseline": t, "score": w,
+                "correct": None if w in (None, 0.5) else w > 0.5}
+               for p, o, t, w in zip(prompts, ours, theirs, wins)]
+    return EvalResult(metrics, samples, main="judge_win_rate",
+                      higher_is_better={"judge_win_rate": True, "unparsed": False})
+
+
 # ---------------------------------------------------------------- held-out preference pairs
 
 

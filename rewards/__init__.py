@@ -14,7 +14,8 @@ Contract (TRL's reward-function signature, `trl/rewards/accuracy_rewards.py`)::
 - Parameters are keyword-only arguments after `completions`; a recipe entry
   `{name: format, weight: 0.2, pattern: "..."}` binds `pattern=` (`build_reward`). Names starting
   with `_` are not settable from YAML.
-- Registered with `@REWARDS.register("name")`; every name appears in `alignkit list`. A user
+- Registered with `@REWARDS.register("name")`; every name appears in `alignkit list`. A reward may
+  carry `fn.check_params(params)`, raising ValueError for bad values, run when the recipe is validated. A user
   function by import path: `my_rewards.exact` is `exact` in `my_rewards.py` beside the recipe
   (`add_recipe_folder`) or anywhere on the import path.
 
@@ -45,7 +46,7 @@ from typing import Any, Mapping, Sequence
 
 from alignment.registry import did_you_mean
 from rewards.base import _TRAINER_KWARGS, REWARDS, RewardFn, answer_text, completion_text
-from rewards import code, format, length, math, model  # noqa: F401 -- registers the rewards
+from rewards import code, format, judge, length, math, model  # noqa: F401 -- registers the rewards
 from rewards.model import set_stage_model_loader
 from rewards.sandbox import SandboxResult, run_python
 
@@ -161,7 +162,11 @@ def build_reward(spec: Mapping[str, Any]) -> BoundReward:
     _check_weight(name, spec.get("weight", _DEFAULT_WEIGHT))
     params = {k: v for k, v in spec.items() if k not in _SPEC_KEYS}
     fn = _resolve(name)
-    return BoundReward(name, fn, params, _check_params(name, fn, params))
+    columns = _check_params(name, fn, params)
+    check = getattr(fn, "check_params", None)  # a reward's own checks of its values (e.g. judge's URL, template)
+    if check is not None:
+        check(params)
+    return BoundReward(name, fn, params, columns)
 
 
 def combine_rewards(specs: Sequence[Mapping[str, Any]]) -> tuple[list[BoundReward], list[float]]:
