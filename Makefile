@@ -52,10 +52,10 @@ test-fast: install
 demo: install
 	$(BIN)/alignkit run recipes/quickstart/arith.yaml
 
+# alignkit vs raw TRL (SFT, GRPO), PPO vs GRPO, vLLM vs HF generate: bench/results/bench.{json,md}, rollout.json
 bench: install
 	$(BIN)/python -c "from alignment.models import bundled_path; bundled_path('smollm2-135m-instruct')"
-	$(BIN)/python bench/rollout_bench.py --out bench/results/rollout.json
-	$(BIN)/python bench/rl_step_bench.py --out bench/results/rl_step.json
+	$(BIN)/python bench/bench.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence, get_args
+from typing import Callable, Literal, Protocol, Sequence, get_args
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from alignment.registry import Registry, did_you_mean
 
@@ -368,6 +369,56 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """
     z = logits.float() / temperature
     return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
+
+
+def logprobs_from_hidden(
+    hidden: Tensor,
+    labels: Tensor,
+    lm_head: Callable[[Tensor], Tensor],
+    temperature: float = 1.0,
+    *,
+    entropy: bool = False,
+    chunk_size: int = 256,
+) -> tuple[Tensor, Tensor | None]:
+    """`logprobs_from_logits` (and `entropy_from_logits`) from the last hidden states, `chunk_size`
+    tokens at a time: the (B, T, V) fp32 logits never exist at once, only (chunk_size, V) ones.
+
+    With grad enabled each chunk runs under activation checkpointing, so the backward recomputes
+    its logits instead of keeping them: peak memory grows with chunk_size x V, not B x T x V (at
+    V = 49152 a chunk of 256 tokens is 48 MiB per fp32 copy). The results equal the unchunked
+    computation up to float summation order (test: tests/unit/test_algos.py).
+
+    Args:
+        hidden: (B, T, H), already shifted: hidden[:, t] predicts labels[:, t]. labels: (B, T).
+        lm_head: hidden (N, H) -> logits (N, V), e.g. `model.get_output_embeddings()`; runs under
+            the caller's autocast.
+        temperature: as in `logprobs_from_logits`. entropy: also return the entropy.
+        chunk_size: tokens per chunk (> 0).
+
+    Returns:
+        logprobs (B, T) fp32; entropy (B, T) fp32 in nats, or None.
+
+    Raises:
+        ValueError: temperature <= 0 or chunk_size <= 0.
+    """
+    if chunk_size <= 0 or temperature <= 0:
+        raise ValueError(f"chunk_size and temperature must be > 0, got {chunk_size} and {temperature}")
+    flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    pieces = []
+    for start in range(0, flat_labels.shape[0], chunk_size):
+        args = (flat_hidden[start:start + chunk_size], flat_labels[start:start + chunk_size], lm_head,
+                temperature, entropy)
+        # non-reentrant checkpoint: grads reach lm_head's weights even when `hidden` needs none
+        pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
+                      else _chunk_logprobs(*args))
+    logprobs = torch.cat([lp for lp, _ in pieces]).view(labels.shape)
+    return logprobs, torch.cat([ent for _, ent in pieces]).view(labels.shape) if entropy else None
+
+
+def _chunk_logprobs(hidden: Tensor, labels: Tensor, lm_head, temperature: float, entropy: bool):
+    logits = lm_head(hidden)
+    ent = entropy_from_logits(logits, temperature) if entropy else torch.zeros(())
+    return logprobs_from_logits(logits, labels, temperature), ent
 
 
 # ------------------------------------------------------------------------ KL coefficient

@@ -163,7 +163,7 @@ def _build_config(recipe: Recipe, name: str, config_class, path: tuple) -> list[
     hints = typing.get_type_hints(config_class)
     for key, value in args.items():
         kind = _scalar_type(hints.get(key))
-        if kind is None:
+        if kind is None or (key, value) == ("bf16", "auto"):  # `effective_args` resolves bf16: auto
             continue
         try:
             converted = pydantic.TypeAdapter(kind).validate_python(value)

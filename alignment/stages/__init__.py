@@ -52,10 +52,16 @@ def stage(name: str, *, config: Optional[Callable[[], type]] = None, formats: tu
 
 def effective_args(recipe: Recipe, name: str) -> dict[str, Any]:
     """The stage's trainer arguments: its method's registered defaults, overridden by the recipe's `args`.
-    `StageContext.trl_config` builds the config from them and the stage's fingerprint hashes them."""
+    `StageContext.trl_config` builds the config from them and the stage's fingerprint hashes them. `bf16: auto`
+    becomes `alignment.models.bf16_supported()` (bf16 autocast only where the device computes it natively)."""
     spec = recipe.stages[name]
     defaults = STAGES.get(spec.method).defaults
-    return {**(defaults(recipe, name) if callable(defaults) else defaults), **spec.args}
+    args = {**(defaults(recipe, name) if callable(defaults) else defaults), **spec.args}
+    if args.get("bf16") == "auto":  # bf16 autocast only where it is native: emulated, it is slower than fp32
+        from alignment.models import bf16_supported
+
+        args["bf16"] = bf16_supported()
+    return args
 
 
 def trainer_defaults(recipe: Recipe, name: str) -> dict[str, Any]:

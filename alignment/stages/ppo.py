@@ -31,14 +31,14 @@ from pydantic import Field
 
 from alignment.algos import (
     KL_ESTIMATORS, AdaptiveKLController, AggMode, FixedKLController, RolloutBatch, aggregate_loss, compute_gae,
-    compute_kl, compute_token_rewards, compute_value_loss, entropy_from_logits, logprobs_from_logits, masked_mean,
+    compute_kl, compute_token_rewards, compute_value_loss, logprobs_from_hidden, masked_mean,
     masked_var, masked_whiten, ppo_clip_loss, truncate_after_stop,
 )
 from alignment.recipe import _pydantic_problems
 from alignment.registry import did_you_mean
 from alignment.rollout import Completion, SamplingConfig
 from alignment.rundir import CHECKPOINT_STATE
-from alignment.stages import StageContext, StageResult, reward_trend, stage
+from alignment.stages import StageContext, StageResult, effective_args, reward_trend, stage
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -96,7 +96,8 @@ class PPOConfig:
     critic_warmup: int = Field(
         0, ge=0, description="first N updates train the critic only (verl): a baseline before the policy moves")
     bf16: bool = Field(
-        False, description="bf16 autocast for the models' forward/backward (weights, values, losses stay fp32)")
+        False, description="bf16 autocast for the models' forward/backward (weights, values, losses stay fp32); "
+        "auto: where the device has native bf16 (alignment.models.bf16_supported)")
     save_steps: Optional[int] = Field(None, gt=0, description="checkpoint every N updates; None = a fifth of them")
     save_total_limit: int = Field(2, gt=0, description="checkpoints kept")
     logging_steps: int = Field(1, gt=0, description="write metrics every N updates")
@@ -140,7 +141,7 @@ def _check(recipe, name):
                                 "top_k: 0 and top_p: 1.0 (truncated sampling makes the KL estimate negative)"))
     known = {f.name for f in dataclasses.fields(PPOConfig)}  # unknown keys: the recipe's own args check
     try:
-        cfg = PPOConfig(**{k: v for k, v in spec.args.items() if k in known})
+        cfg = PPOConfig(**{k: v for k, v in effective_args(recipe, name).items() if k in known})  # bf16: auto resolved
     except pydantic.ValidationError as err:
         problems += [dataclasses.replace(p, path=where + ("args",) + p.path) for p in _pydantic_problems(err, {})]
     else:
@@ -223,21 +224,27 @@ def _model_inputs(batch: RolloutBatch) -> dict:
             "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "use_cache": False}
 
 
+def _lm_head(model):
+    """hidden (N, H) -> logits (N, V) as the model's forward makes them (Gemma's logit soft-capping included)."""
+    head, cap = model.get_output_embeddings(), getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return head if cap is None else (lambda hidden: cap * torch.tanh(head(hidden) / cap))
+
+
 def policy_forward(model, batch: RolloutBatch, temperature: float, *, value_head=None, entropy: bool = False,
                    detach_trunk: bool = False):
     """Log-probs of the response tokens (B, T) at `temperature`, and optionally their entropy and the value
     head's values (B, T), read at the state before each token (the logits' shifted positions).
     `detach_trunk`: value gradients stop at the head (critic warm-up leaves the policy as it is)."""
     length = batch.response_ids.shape[1]
-    # logits only for the last T + 1 positions: the lm_head over a long prompt would be wasted
-    out = model(**_model_inputs(batch), output_hidden_states=value_head is not None, logits_to_keep=length + 1)
-    logits = out.logits[:, -length - 1:-1]
-    logprobs = logprobs_from_logits(logits, batch.response_ids, temperature)
-    ent = entropy_from_logits(logits, temperature) if entropy else None
+    # the model's own logits for one position only: the response's come from its hidden states in chunks,
+    # never (B, T, V) at once (algos.logprobs_from_hidden)
+    out = model(**_model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1][:, -length - 1:-1]
+    logprobs, ent = logprobs_from_hidden(hidden, batch.response_ids, _lm_head(model), temperature, entropy=entropy)
     values = None
     if value_head is not None:
-        with torch.autocast(out.logits.device.type, enabled=False):  # values feed GAE: fp32 even under bf16
-            hidden = out.hidden_states[-1][:, -length - 1:-1].float()
+        with torch.autocast(hidden.device.type, enabled=False):  # values feed GAE: fp32 even under bf16
+            hidden = hidden.float()
             values = value_head(hidden.detach() if detach_trunk else hidden).squeeze(-1)
     return logprobs, ent, values
 

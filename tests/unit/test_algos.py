@@ -22,6 +22,7 @@ from alignment.algos import (
     compute_value_loss,
     entropy_from_logits,
     first_true_indices,
+    logprobs_from_hidden,
     logprobs_from_logits,
     masked_mean,
     masked_var,
@@ -315,6 +316,38 @@ def test_logprobs_from_logits_matches_log_softmax_with_temperature():
     assert logprobs_from_logits(logits.bfloat16(), labels).dtype == torch.float32
     with pytest.raises(ValueError, match="temperature"):
         logprobs_from_logits(logits, labels, temperature=0.0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 100])  # 7: chunks that cut rows; 100: one chunk
+def test_logprobs_from_hidden_equals_full_logits_with_grads(chunk_size):
+    """Chunked + checkpointed = the plain (B, T, V) computation: values and gradients (hidden, head
+    weight and bias) within 1e-5, for a PPO-shaped loss on log-probs and entropy."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 13)
+    hidden, labels = torch.randn(3, 5, 8, requires_grad=True), torch.randint(0, 13, (3, 5))
+    weights = torch.randn(3, 5)
+
+    def loss_and_grads(logprobs, entropy):
+        loss = (weights * logprobs.exp()).sum() - 0.1 * entropy.sum()
+        return [loss, *torch.autograd.grad(loss, [hidden, head.weight, head.bias])]
+
+    logits = head(hidden)
+    plain = loss_and_grads(logprobs_from_logits(logits, labels, 0.7), entropy_from_logits(logits, 0.7))
+    logprobs, entropy = logprobs_from_hidden(hidden, labels, head, 0.7, entropy=True, chunk_size=chunk_size)
+    assert logprobs.shape == entropy.shape == (3, 5)
+    for got, want in zip(loss_and_grads(logprobs, entropy), plain):
+        assert_close(got, want, **ATOL)
+
+
+def test_logprobs_from_hidden_no_grad_and_bad_args():
+    head, hidden, labels = torch.nn.Linear(4, 6), torch.randn(2, 3, 4), torch.randint(0, 6, (2, 3))
+    with torch.no_grad():
+        logprobs, entropy = logprobs_from_hidden(hidden, labels, head, chunk_size=2)
+        assert_close(logprobs, logprobs_from_logits(head(hidden), labels))
+    assert entropy is None and not logprobs.requires_grad
+    for bad in (dict(chunk_size=0), dict(temperature=0.0)):
+        with pytest.raises(ValueError, match="must be > 0"):
+            logprobs_from_hidden(hidden, labels, head, **bad)
 
 
 # --------------------------------------------------------------------------- (a)12 KL controllers

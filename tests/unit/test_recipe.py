@@ -213,3 +213,27 @@ def test_trl_args_are_typed_and_built_at_validate_time(tmp_path):
     msg = error_of(write(tmp_path, grpo))
     assert "r.yaml:24: stages.grpo.args: GRPOConfig refuses these args" in msg
     assert "must be divisible by num_generations (3)" in msg
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_auto_follows_the_machine(tmp_path, monkeypatch, native):
+    """`bf16: auto` becomes bf16 autocast only where the device computes bf16 natively (models.bf16_supported):
+    in the trainer config and in the fingerprint's args alike."""
+    from trl import SFTConfig
+
+    from alignment import models
+    from alignment.stages import StageContext, effective_args
+
+    monkeypatch.setattr(models, "bf16_supported", lambda: native)
+    recipe = load_recipe(write(tmp_path, GOOD.replace("max_steps: 3}", "max_steps: 3, bf16: auto}")))
+    assert effective_args(recipe, "sft")["bf16"] is native
+    assert StageContext(recipe=recipe, name="sft", run_dir=tmp_path / "runs" / "t").trl_config(SFTConfig).bf16 is native
+
+
+def test_bf16_supported_reads_the_cpu_flags(monkeypatch):
+    from alignment import models
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    for flags, native in (("fpu avx2 fma", False), ("avx2 avx512f avx512_bf16", True), ("avx2 amx_bf16 amx_tile", True)):
+        monkeypatch.setattr(models.Path, "read_text", lambda self, flags=flags: f"flags\t\t: {flags}\n")
+        assert models.bf16_supported() is native

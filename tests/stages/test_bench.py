@@ -1,0 +1,27 @@
+"""`bench/bench.py --quick` (what `make bench` runs, on a tiny model) runs every case and writes its results."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_every_case_and_ratio(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--quick", "--cpus", "", "--out-dir",
+                           str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench-quick.json").read_text())
+    assert set(result["runs"]) == {"sft/trl", "sft/alignkit", "grpo/trl", "grpo/alignkit", "ppo/alignkit"}
+    for runs in result["runs"].values():
+        assert all(r["wall_s"] > 0 and r["cpu_s"] > 0 and r["peak_gb"] > 0.1 for r in runs)
+    assert result["step_s"]["ppo"] > 0 and result["step_s"]["grpo"] > 0
+    whats = [line["what"] for line in result["ratios"]]
+    assert "sft peak_gb: alignkit / raw TRL" in whats and "step s: ppo / grpo (alignkit, same rollout)" in whats
+    assert all(line["ratio"] > 0 for line in result["ratios"])
+    assert "| sft/alignkit |" in (tmp_path / "bench-quick.md").read_text()
