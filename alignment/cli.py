@@ -160,6 +160,29 @@ def plan(recipe: Path = RecipeArg, run_dir: Path = RunDirOpt):
     console.print(table)
 
 
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="run directory (runs/NAME)", show_default=False),
+    out: Path = typer.Option(..., "--out", help="new folder for the model (must not exist, or be empty)"),
+    stage: Optional[str] = typer.Option(None, "--stage", help="the stage to export; default: the last one"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the base model's) | bf16 | fp16 | fp32"),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="then upload to this hub repo (user/name)"),
+    check: bool = typer.Option(True, "--check/--no-check", help="reload through the rollout engine and compare greedy answers"),
+    backend: str = typer.Option("auto", "--backend", help="rollout engine of the check: auto (vllm where it imports) | hf | vllm"),
+):
+    """Export a finished stage as full weights (adapters merged, safetensors), tokenizer, generation config and a
+    model card; optionally push it to the hub."""
+    from alignment.export import ExportError, export
+
+    try:
+        export(run_dir, out, stage=stage, dtype=dtype, check=check, backend=backend, push_to_hub=push_to_hub,
+               log=lambda line: console.print(line, markup=False, highlight=False))
+    except ExportError as e:
+        err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(f"[green]✓[/] exported: [bold]{out}[/]")
+
+
 @app.command("list")
 def list_():
     """List what a recipe can name, from the registries: stage methods (with their data formats), rewards,

@@ -280,6 +280,16 @@ def _md(text, n: int = 200) -> str:
     return _cut(text, n).replace("|", "\\|").replace("\n", "⏎ ")
 
 
+def markdown_eval_table(table: EvalTable) -> list[str]:
+    """The eval table as Markdown lines (base and each stage, deltas against base; the report and the model card)."""
+    out = ["| task | metric | " + " | ".join(table.stages) + " |", "|---|---|" + "---:|" * len(table.stages)]
+    for row in table.rows:
+        cells = [c.text + (f" ({c.delta_text})" if c.delta_text is not None else "") for c in row.cells]
+        name = f"**{row.metric}**" if row.main and row.metric else row.metric
+        out.append(f"| {row.task if row.first else ''} | {name} | " + " | ".join(cells) + " |")
+    return out + [f"\n_{t} on {', '.join(stages)}: skipped: {why}_" for t, why, stages in table.skipped]
+
+
 def render_markdown(data: RunData, table: EvalTable, images: dict[str, Path]) -> str:
     out = [f"# {data.name}", "", f"alignkit report · base model `{data.base_model}` · stages: {' → '.join(data.stages)}", "",
            "## Stages", "", "| stage | method | status | time | final metrics |", "|---|---|---|---:|---|"]
@@ -288,13 +298,7 @@ def render_markdown(data: RunData, table: EvalTable, images: dict[str, Path]) ->
         out.append(f"| {st['stage']} | {st['method']} | {st['status']} | {st['time']} | {final} |")
     out += ["", "## Evals", ""]
     if table.tasks:
-        out.append("| task | metric | " + " | ".join(table.stages) + " |")
-        out.append("|---|---|" + "---:|" * len(table.stages))
-        for row in table.rows:
-            cells = [c.text + (f" ({c.delta_text})" if c.delta_text is not None else "") for c in row.cells]
-            name = f"**{row.metric}**" if row.main and row.metric else row.metric
-            out.append(f"| {row.task if row.first else ''} | {name} | " + " | ".join(cells) + " |")
-        out += [f"\n_{t} on {', '.join(stages)}: skipped: {why}_" for t, why, stages in table.skipped]
+        out += markdown_eval_table(table)
         if "evals" in images:
             out += ["", f"![eval metrics by stage]({images['evals'].name})"]
     else:
