@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     ctx = StageContext(recipe=recipe, name=name, run_dir=run_dir)
     _install_reward_model_loader(run_dir)
     ctx.rundir.stage_dir(name).mkdir(parents=True, exist_ok=True)
-    result = STAGES.get(recipe.stages[name].method)(ctx)
+    try:
+        result = STAGES.get(recipe.stages[name].method)(ctx)
+    finally:
+        ctx.finish_tracking()
     if int(os.environ.get("RANK", 0)) == 0:
         ctx.rundir.write_result(name, {"metrics": result.metrics, "info": result.info,
                                        "trainer_config": ctx.trainer_config})
