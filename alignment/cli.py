@@ -103,6 +103,17 @@ def run(
         from evals import write_report
 
         console.print(f"report: [bold]{write_report(pipe.run_dir)}[/]")
+    _print_alarms(rec, pipe.run_dir)
+
+
+def _print_alarms(recipe, run_dir: Path) -> None:
+    """The reward-hacking alarms (`evals.alarm`), after the evals that they read."""
+    from rich.markup import escape
+
+    from evals.alarm import reward_hacking_alarms
+
+    for alarm in reward_hacking_alarms(recipe, run_dir):
+        console.print(f"[bold red]warning:[/] {escape(alarm.message)}", soft_wrap=True)
 
 
 SUMMARY_METRICS = ("reward/mean", "train_loss")  # alignment/metrics.py names; the first a stage reports

@@ -144,6 +144,19 @@ class EvalConfig(Strict):
     args: dict[str, Any] = Field(default_factory=dict, description="task parameters")
 
 
+class RewardHackingConfig(Strict):
+    """When the run summary and the report warn of reward hacking in an RL stage (evals/alarm.py)."""
+
+    reward_rise_se: float = Field(2.0, gt=0, description=(
+        "the training reward counts as risen when its last-quarter mean beats its first-quarter mean by this many "
+        "standard errors"))
+    eval_gain_se: float = Field(1.0, ge=0, description=(
+        "a held-out eval counts as improved on the stage's `from` when it gains this many standard errors"))
+    kl_budget: Optional[float] = Field(None, gt=0, description=(
+        "KL(policy || reference) in nats per sequence (kl/ref) that an RL stage's last quarter of steps may reach; "
+        "null: no budget"))
+
+
 class Recipe(Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run directory name")
     seed: int = 42
@@ -152,6 +165,7 @@ class Recipe(Strict):
     stages: dict[str, StageConfig]
     evals: list[EvalConfig] = Field(default_factory=list)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    reward_hacking: RewardHackingConfig = Field(default_factory=RewardHackingConfig)
     report_to: list[Tracker] = Field(default_factory=list, description=(
         "experiment trackers every stage and the evals log to, besides metrics.jsonl (alignment/tracking.py); "
         "wandb runs offline unless WANDB_MODE says otherwise"))

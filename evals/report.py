@@ -39,6 +39,7 @@ class RunData:
     manifests: dict[str, dict] = field(default_factory=dict)
     curves: dict[str, list[dict]] = field(default_factory=dict)
     evals: dict[str, dict] = field(default_factory=dict)  # stage (base first) -> evals/STAGE.json
+    warnings: list[str] = field(default_factory=list)  # reward-hacking alarms (evals.alarm), in plain words
 
 
 def read_run(run_dir: Path) -> RunData:
@@ -65,7 +66,22 @@ def read_run(run_dir: Path) -> RunData:
         ev = rundir.read_evals(st)
         if ev is not None:
             data.evals[st] = ev
+    data.warnings = _warnings(text, rundir.path)
     return data
+
+
+def _warnings(text: str, run_dir: Path) -> list[str]:
+    """The run's reward-hacking alarms (none for a recipe.yaml this version cannot read)."""
+    import pydantic
+
+    from alignment.recipe import parse_resolved
+    from evals.alarm import reward_hacking_alarms
+
+    try:
+        recipe = parse_resolved(text)
+    except pydantic.ValidationError:
+        return []
+    return [a.message for a in reward_hacking_alarms(recipe, run_dir)]
 
 
 def _stage_order(text: str, raw: dict) -> list[str]:
@@ -269,6 +285,7 @@ def render_html(data: RunData, table: EvalTable, images: dict[str, Path]) -> str
     return _template().render(
         name=data.name, base_model=data.base_model, stages=data.stages, run_dir=str(data.run_dir),
         recipe_text=data.recipe_text, generated=time.strftime("%Y-%m-%d %H:%M"), stage_rows=stage_rows(data),
+        warnings=data.warnings,
         table=table, samples=samples, evals_image=_data_uri(images["evals"]) if "evals" in images else None,
         curves=[(s, _data_uri(images[f"curves-{s}"])) for s in data.stages if f"curves-{s}" in images])
 
@@ -291,8 +308,10 @@ def markdown_eval_table(table: EvalTable) -> list[str]:
 
 
 def render_markdown(data: RunData, table: EvalTable, images: dict[str, Path]) -> str:
-    out = [f"# {data.name}", "", f"alignkit report · base model `{data.base_model}` · stages: {' → '.join(data.stages)}", "",
-           "## Stages", "", "| stage | method | status | time | final metrics |", "|---|---|---|---:|---|"]
+    out = [f"# {data.name}", "", f"alignkit report · base model `{data.base_model}` · stages: {' → '.join(data.stages)}", ""]
+    if data.warnings:
+        out += ["## Warnings", ""] + [f"- **{w}**" for w in data.warnings] + [""]
+    out += ["## Stages", "", "| stage | method | status | time | final metrics |", "|---|---|---|---:|---|"]
     for st in stage_rows(data):
         final = ", ".join(f"{k} {fmt(v)}" for k, v in st["final"]) or "–"
         out.append(f"| {st['stage']} | {st['method']} | {st['status']} | {st['time']} | {final} |")
