@@ -145,9 +145,25 @@ def _summary(rows: list[dict], run_dir: Path) -> None:
 def validate(recipe: Path = RecipeArg):
     """Check RECIPE: schema, TRL args, stage references, data files and columns, reward names."""
     rec = _load(recipe, check_data=True)
+    _print_overlap(rec)
     used = {r.name for st in rec.stages.values() for r in st.data}
     console.print(f"[green]✓[/] {recipe}: {len(rec.stages)} stage(s) ({' → '.join(rec.order())}), "
                   f"{len(used)} training dataset(s) checked row by row")
+
+
+def _print_overlap(recipe) -> None:
+    """The n-gram overlap of every training set with every eval set (`alignment.decontam`), by row."""
+    from alignment.data import DataError
+    from alignment.decontam import overlap_report, report_lines
+
+    try:
+        n, pairs = overlap_report(recipe)
+    except DataError as e:
+        console.print(f"decontamination: not checked ({e})", style="yellow", markup=False, soft_wrap=True)
+        return
+    for line in report_lines(n, pairs, recipe.decontaminate.action if recipe.decontaminate else None):
+        style = "yellow" if any(p.rows for p in pairs) else None
+        console.print(f"decontamination: {line}", style=style, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -169,6 +185,7 @@ def plan(recipe: Path = RecipeArg, run_dir: Path = RunDirOpt):
                       f"{model.quantization.bits}-bit" if model.quantization else "-",
                       f"[{style[st.state]}]{state}[/]" + (f" [dim]({st.reason})[/]" if st.reason else ""), st.fingerprint)
     console.print(table)
+    _print_overlap(rec)
 
 
 @app.command("export")

@@ -144,6 +144,13 @@ class EvalConfig(Strict):
     args: dict[str, Any] = Field(default_factory=dict, description="task parameters")
 
 
+class DecontaminateConfig(Strict):
+    """Training rows that share a word n-gram with an eval set (alignment/decontam.py)."""
+
+    ngram: int = Field(13, gt=0, description="n of the word n-grams compared (13: GPT-3's contamination study)")
+    action: Literal["drop", "warn"] = Field("warn", description="drop: leave the rows out of training; warn: keep them, say so")
+
+
 class RewardHackingConfig(Strict):
     """When the run summary and the report warn of reward hacking in an RL stage (evals/alarm.py)."""
 
@@ -165,6 +172,9 @@ class Recipe(Strict):
     stages: dict[str, StageConfig]
     evals: list[EvalConfig] = Field(default_factory=list)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    decontaminate: Optional[DecontaminateConfig] = Field(None, description=(
+        "drop or warn about training rows that share an n-gram with an eval set; null: validate and plan only "
+        "report the overlap"))
     reward_hacking: RewardHackingConfig = Field(default_factory=RewardHackingConfig)
     report_to: list[Tracker] = Field(default_factory=list, description=(
         "experiment trackers every stage and the evals log to, besides metrics.jsonl (alignment/tracking.py); "

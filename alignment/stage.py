@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ctx.finish_tracking()
     if int(os.environ.get("RANK", 0)) == 0:
-        ctx.rundir.write_result(name, {"metrics": result.metrics, "info": result.info,
+        data = {"data_report": ctx.data_report.to_dict()} if ctx.data_report.counts else {}  # -> the manifest, the report
+        ctx.rundir.write_result(name, {"metrics": result.metrics, "info": {**result.info, **data},
                                        "trainer_config": ctx.trainer_config})
     return 0
 

@@ -39,7 +39,7 @@ class RunData:
     manifests: dict[str, dict] = field(default_factory=dict)
     curves: dict[str, list[dict]] = field(default_factory=dict)
     evals: dict[str, dict] = field(default_factory=dict)  # stage (base first) -> evals/STAGE.json
-    warnings: list[str] = field(default_factory=list)  # reward-hacking alarms (evals.alarm), in plain words
+    warnings: list[str] = field(default_factory=list)  # reward-hacking alarms (evals.alarm), decontamination counts
 
 
 def read_run(run_dir: Path) -> RunData:
@@ -66,8 +66,22 @@ def read_run(run_dir: Path) -> RunData:
         ev = rundir.read_evals(st)
         if ev is not None:
             data.evals[st] = ev
-    data.warnings = _warnings(text, rundir.path)
+    data.warnings = _warnings(text, rundir.path) + _decontamination(data)
     return data
+
+
+def _decontamination(data: RunData) -> list[str]:
+    """Per stage and training set: the rows that shared an n-gram with an eval set (manifest `info.data_report`)."""
+    from alignment.data import CHANGES
+
+    out = []
+    for st in data.stages:
+        for dataset, kinds in ((data.manifests.get(st, {}).get("info") or {}).get("data_report") or {}).items():
+            for kind in ("contaminated", "overlapping"):
+                if kind in kinds:
+                    out.append(f"{st}: training set '{dataset}': {kinds[kind]['rows']} row(s) {kind} -- {CHANGES[kind]}; "
+                               f"e.g. {kinds[kind]['examples'][0]}")
+    return out
 
 
 def _warnings(text: str, run_dir: Path) -> list[str]:

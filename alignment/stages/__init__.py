@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Union
 
 from transformers import TrainerCallback
 
+from alignment.data import DataReport
 from alignment.metrics import PROGRESS, rename
 from alignment.recipe import ModelConfig, Recipe, RolloutConfig, StageConfig
 from alignment.registry import Registry
@@ -112,6 +113,7 @@ class StageContext:
     trainer_config: dict[str, Any] = field(default_factory=dict)  # the built config, for the manifest
     reward_funcs: list = field(default_factory=list)  # set by `reward_functions`
     trackers: Any = None  # alignment.tracking.Trackers of `report_to`, started by the first `log_metrics`
+    data_report: DataReport = field(default_factory=DataReport)  # rows `dataset` dropped, kept with a warning, ...
 
     @property
     def spec(self) -> StageConfig:
@@ -161,10 +163,12 @@ class StageContext:
 
     def dataset(self, formats: Optional[tuple[str, ...]] = None):
         from alignment.data import build
+        from alignment.decontam import row_filter
 
         fn = STAGES.get(self.spec.method)
         return build(self.recipe.data, self.spec.data, formats or fn.formats, seed=self.recipe.seed,
-                     on_bad_rows=self.recipe.on_bad_rows)
+                     on_bad_rows=self.recipe.on_bad_rows, report=self.data_report, contaminated=row_filter(self.recipe),
+                     decontaminate=self.recipe.decontaminate.action if self.recipe.decontaminate else None)
 
     # ------------------------------------------------------------ online RL (grpo, ppo)
 
