@@ -69,14 +69,18 @@ def check_exportable(rundir: RunDir, stage: Optional[str], out: Path) -> tuple[R
     return recipe, stage
 
 
-def _dtype(name: str, weights: str):
-    """torch dtype of `--dtype` (`auto`: the dtype the base model's config names, else float32)."""
+def _dtype(name: str, recipe: Recipe):
+    """torch dtype of `--dtype` (`auto`: the one the recipe's base model's config names -- merged stages are kept
+    in float32 -- else float32)."""
     import torch
     from transformers import AutoConfig
 
+    from alignment.models import resolve_model_path
+
     if name not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)} (got {name!r})")
-    chosen = DTYPES[name] or getattr(AutoConfig.from_pretrained(weights), "dtype", None) or torch.float32
+    chosen = DTYPES[name] or getattr(AutoConfig.from_pretrained(resolve_model_path(recipe.model.name_or_path)),
+                                     "dtype", None) or torch.float32
     return getattr(torch, chosen) if isinstance(chosen, str) else chosen
 
 
@@ -248,9 +252,9 @@ def export(run_dir: Path | str, out: Path | str, *, stage: Optional[str] = None,
 
     rundir, out = RunDir(Path(run_dir).resolve()), Path(out).resolve()
     recipe, stage = check_exportable(rundir, stage, out)
+    torch_dtype = _dtype(dtype, recipe)
     head = read_artifact(rundir.model_dir(stage))["head"]
     weights = str(full_weights(rundir.model_dir(stage)))  # adapters of the lineage merged, once, under a lock
-    torch_dtype = _dtype(dtype, weights)
     tmp = out.with_name(f".{out.name}.export-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

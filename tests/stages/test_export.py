@@ -134,6 +134,9 @@ def test_refusals_exit_2_with_a_clear_message(run_dir, tmp_path):
     res = export_cli(tmp_path, "--out", tmp_path / "c")
     assert res.exit_code == 2 and "not a run directory" in res.output
 
+    res = export_cli(run_dir, "--out", tmp_path / "d", "--dtype", "fp8")
+    assert res.exit_code == 2 and "--dtype must be one of auto, bf16, fp16, fp32 (got 'fp8')" in res.output
+
 
 def test_a_cut_off_export_leaves_nothing_that_looks_finished(run_dir, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
