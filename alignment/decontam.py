@@ -17,10 +17,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
+from alignment.data import EXAMPLES  # examples kept per (training set, eval set) pair, as per data report kind
 from alignment.recipe import DecontaminateConfig, Recipe
 
 TEXT_FIELDS = ("prompt", "completion", "chosen", "rejected", "text", "messages")
-EXAMPLES = 3  # examples kept per (training set, eval set) pair
 _WORD = re.compile(r"\w+")
 
 
