@@ -214,12 +214,12 @@ def export_cmd(
 @app.command("list")
 def list_():
     """List what a recipe can name, from the registries: stage methods (with their data formats), rewards,
-    eval tasks, KL estimators, rollout backends and bundled models."""
+    eval tasks, KL estimators, rollout backends, trackers and bundled models."""
     from typing import get_args
 
     from alignment.algos import KL_ESTIMATORS
     from alignment.models import BUNDLED
-    from alignment.recipe import Backend
+    from alignment.recipe import Backend, Tracker
     from alignment.stages import STAGES, load_stages
     from evals import TASKS
     from rewards import REWARDS
@@ -230,6 +230,7 @@ def list_():
         console.print(f"  {name:<8} {', '.join(STAGES.get(name).formats)}")
     for title, names in (("rewards", REWARDS.names()), ("eval tasks", TASKS.names()),
                          ("KL estimators", KL_ESTIMATORS.names()), ("rollout backends", get_args(Backend)),
+                         ("trackers (report_to)", get_args(Tracker)),
                          ("bundled models", ["bundled:" + n for n in BUNDLED])):
         console.print(f"[bold]{title}[/]: {', '.join(names)}")
 
