@@ -103,6 +103,17 @@ def run(
         from evals import write_report
 
         console.print(f"report: [bold]{write_report(pipe.run_dir)}[/]")
+    _print_alarms(rec, pipe.run_dir)
+
+
+def _print_alarms(recipe, run_dir: Path) -> None:
+    """The reward-hacking alarms (`evals.alarm`), after the evals that they read."""
+    from rich.markup import escape
+
+    from evals.alarm import reward_hacking_alarms
+
+    for alarm in reward_hacking_alarms(recipe, run_dir):
+        console.print(f"[bold red]warning:[/] {escape(alarm.message)}", soft_wrap=True)
 
 
 SUMMARY_METRICS = ("reward/mean", "train_loss")  # alignment/metrics.py names; the first a stage reports
@@ -134,9 +145,25 @@ def _summary(rows: list[dict], run_dir: Path) -> None:
 def validate(recipe: Path = RecipeArg):
     """Check RECIPE: schema, TRL args, stage references, data files and columns, reward names."""
     rec = _load(recipe, check_data=True)
+    _print_overlap(rec)
     used = {r.name for st in rec.stages.values() for r in st.data}
     console.print(f"[green]✓[/] {recipe}: {len(rec.stages)} stage(s) ({' → '.join(rec.order())}), "
                   f"{len(used)} training dataset(s) checked row by row")
+
+
+def _print_overlap(recipe) -> None:
+    """The n-gram overlap of every training set with every eval set (`alignment.decontam`), by row."""
+    from alignment.data import DataError
+    from alignment.decontam import overlap_report, report_lines
+
+    try:
+        n, pairs = overlap_report(recipe)
+    except DataError as e:
+        console.print(f"decontamination: not checked ({e})", style="yellow", markup=False, soft_wrap=True)
+        return
+    for line in report_lines(n, pairs, recipe.decontaminate.action if recipe.decontaminate else None):
+        style = "yellow" if any(p.rows for p in pairs) else None
+        console.print(f"decontamination: {line}", style=style, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -158,17 +185,41 @@ def plan(recipe: Path = RecipeArg, run_dir: Path = RunDirOpt):
                       f"{model.quantization.bits}-bit" if model.quantization else "-",
                       f"[{style[st.state]}]{state}[/]" + (f" [dim]({st.reason})[/]" if st.reason else ""), st.fingerprint)
     console.print(table)
+    _print_overlap(rec)
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="run directory (runs/NAME)", show_default=False),
+    out: Path = typer.Option(..., "--out", help="new folder for the model (must not exist, or be empty)"),
+    stage: Optional[str] = typer.Option(None, "--stage", help="the stage to export; default: the last one"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the base model's) | bf16 | fp16 | fp32"),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="then upload to this hub repo (user/name)"),
+    check: bool = typer.Option(True, "--check/--no-check", help="reload through the rollout engine and compare greedy answers"),
+    backend: str = typer.Option("auto", "--backend", help="rollout engine of the check: auto (vllm where it imports) | hf | vllm"),
+):
+    """Export a finished stage as full weights (adapters merged, safetensors), tokenizer, generation config and a
+    model card; optionally push it to the hub."""
+    from alignment.export import ExportError, export
+
+    try:
+        export(run_dir, out, stage=stage, dtype=dtype, check=check, backend=backend, push_to_hub=push_to_hub,
+               log=lambda line: console.print(line, markup=False, highlight=False))
+    except ExportError as e:
+        err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(f"[green]✓[/] exported: [bold]{out}[/]")
 
 
 @app.command("list")
 def list_():
     """List what a recipe can name, from the registries: stage methods (with their data formats), rewards,
-    eval tasks, KL estimators, rollout backends and bundled models."""
+    eval tasks, KL estimators, rollout backends, trackers and bundled models."""
     from typing import get_args
 
     from alignment.algos import KL_ESTIMATORS
     from alignment.models import BUNDLED
-    from alignment.recipe import Backend
+    from alignment.recipe import Backend, Tracker
     from alignment.stages import STAGES, load_stages
     from evals import TASKS
     from rewards import REWARDS
@@ -179,6 +230,7 @@ def list_():
         console.print(f"  {name:<8} {', '.join(STAGES.get(name).formats)}")
     for title, names in (("rewards", REWARDS.names()), ("eval tasks", TASKS.names()),
                          ("KL estimators", KL_ESTIMATORS.names()), ("rollout backends", get_args(Backend)),
+                         ("trackers (report_to)", get_args(Tracker)),
                          ("bundled models", ["bundled:" + n for n in BUNDLED])):
         console.print(f"[bold]{title}[/]: {', '.join(names)}")
 

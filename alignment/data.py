@@ -49,6 +49,8 @@ CHANGES: dict[str, str] = {
     "split": "no `prompt` column: the prompt is the shared start of chosen/rejected, cut at a word boundary",
     "truncated": "completion cut away completely by max_length (nothing left to learn from)",
     "truncated_partly": "cut by max_length (part of the completion or text lost)",
+    "contaminated": "shares an n-gram with an eval set, left out (decontaminate: drop)",
+    "overlapping": "shares an n-gram with an eval set, kept (decontaminate: warn)",
 }
 EXAMPLES = 3  # file:line examples kept per dataset and kind
 
@@ -451,9 +453,11 @@ def mixture(parts: list[tuple[list[dict], float]], seed: int) -> list[dict]:
 
 
 def build(datasets_cfg: dict[str, DatasetConfig], refs: list[DataRef], accept: tuple[str, ...], *, seed: int = 0,
-          on_bad_rows: Optional[str] = None, report: Optional[DataReport] = None):
+          on_bad_rows: Optional[str] = None, report: Optional[DataReport] = None,
+          contaminated: Optional[Callable[[dict], Optional[str]]] = None, decontaminate: Optional[str] = None):
     """A `datasets.Dataset` for a stage: load, check and mix its data refs; prints what changed
-    (the `report`'s lines) on the stage's console.
+    (the `report`'s lines) on the stage's console. `contaminated` (`alignment.decontam.row_filter`) says why a row
+    overlaps an eval set: under `decontaminate` "drop" such rows are left out, under "warn" kept; both counted.
 
     Columns beyond the format's are kept (rewards read them, e.g. `answer`); only columns present
     in every part of a mixture survive it.
@@ -470,7 +474,18 @@ def build(datasets_cfg: dict[str, DatasetConfig], refs: list[DataRef], accept: t
     for ref in refs:
         loaded = load(ref.name, datasets_cfg[ref.name], on_bad_rows=on_bad_rows, report=report)
         formats.add(check(loaded, accept, on_bad_rows=on_bad_rows, report=report))
-        parts.append((loaded.rows, ref.weight))
+        rows = loaded.rows
+        if contaminated is not None:
+            rows = []
+            for i, row in enumerate(loaded.rows):
+                why = contaminated(row)
+                if why is not None:
+                    report.add(ref.name, "contaminated" if decontaminate == "drop" else "overlapping", loaded.where(i), why)
+                if why is None or decontaminate != "drop":
+                    rows.append(row)
+            if not rows:
+                raise DataError(f"dataset '{ref.name}': every row shares an n-gram with an eval set (decontaminate: drop)")
+        parts.append((rows, ref.weight))
     if len(formats) > 1:
         raise DataError(f"a mixture must share one format; got {sorted(formats)} from {[r.name for r in refs]}")
     for line in report.lines():

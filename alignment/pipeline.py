@@ -110,7 +110,11 @@ def stage_inputs(recipe: Recipe, name: str, fingerprints: dict[str, str]) -> dic
     from alignment.data import dataset_digest
 
     st = recipe.stages[name]
+    dropped = recipe.decontaminate is not None and recipe.decontaminate.action == "drop"
     return {
+        **({"decontaminate": {"ngram": recipe.decontaminate.ngram,  # what is dropped depends on the eval sets too
+                              "evals": {n: dataset_digest(recipe.data[n]) for n in sorted({e.data for e in recipe.evals if e.data})}}}
+           if dropped else {}),
         "method": st.method,
         "from": st.from_,
         "from_fingerprint": fingerprints.get(st.from_) if st.from_ != BASE else recipe.model.name_or_path,

@@ -23,6 +23,7 @@ BASE = "base"  # the name of the starting model in `from:` and in eval stage lis
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Backend = Literal["auto", "hf", "vllm", "vllm-server"]  # rollout engines (alignment/rollout.py make_engine)
+Tracker = Literal["tensorboard", "trackio", "wandb", "mlflow"]  # experiment trackers (alignment/tracking.py TRACKERS)
 
 
 class Strict(BaseModel):
@@ -111,6 +112,11 @@ class LaunchConfig(Strict):
     extra_args: list[str] = Field(default_factory=list, description="more `accelerate launch` arguments (e.g. --num_machines 2)")
 
 
+def _listed(value):
+    """`report_to: tensorboard` means `[tensorboard]`."""
+    return [value] if isinstance(value, str) else value
+
+
 class StageConfig(Strict):
     method: str = Field(..., description="sft | reward | dpo | kto | grpo | ppo")
     from_: str = Field(BASE, alias="from", description="start from this stage's model (or base)")
@@ -123,6 +129,8 @@ class StageConfig(Strict):
     teacher: Optional[str] = Field(None, description=(
         "distill: the teacher model -- an earlier stage, base, a local folder or a hub id; it may differ in size "
         "but must share the student's tokenizer"))
+    report_to: Optional[list[Tracker]] = Field(None, description="override the recipe's report_to for this stage ([]: none)")
+    _one_tracker = field_validator("report_to", mode="before")(_listed)
 
     @field_validator("data", mode="before")
     @classmethod
@@ -139,6 +147,26 @@ class EvalConfig(Strict):
     args: dict[str, Any] = Field(default_factory=dict, description="task parameters")
 
 
+class DecontaminateConfig(Strict):
+    """Training rows that share a word n-gram with an eval set (alignment/decontam.py)."""
+
+    ngram: int = Field(13, gt=0, description="n of the word n-grams compared (13: GPT-3's contamination study)")
+    action: Literal["drop", "warn"] = Field("warn", description="drop: leave the rows out of training; warn: keep them, say so")
+
+
+class RewardHackingConfig(Strict):
+    """When the run summary and the report warn of reward hacking in an RL stage (evals/alarm.py)."""
+
+    reward_rise_se: float = Field(2.0, gt=0, description=(
+        "the training reward counts as risen when its last-quarter mean beats its first-quarter mean by this many "
+        "standard errors"))
+    eval_gain_se: float = Field(1.0, ge=0, description=(
+        "a held-out eval counts as improved on the stage's `from` when it gains this many standard errors"))
+    kl_budget: Optional[float] = Field(None, gt=0, description=(
+        "KL(policy || reference) in nats per sequence (kl/ref) that an RL stage's last quarter of steps may reach; "
+        "null: no budget"))
+
+
 class Recipe(Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run directory name")
     seed: int = 42
@@ -147,12 +175,21 @@ class Recipe(Strict):
     stages: dict[str, StageConfig]
     evals: list[EvalConfig] = Field(default_factory=list)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    decontaminate: Optional[DecontaminateConfig] = Field(None, description=(
+        "drop or warn about training rows that share an n-gram with an eval set; null: validate and plan only "
+        "report the overlap"))
+    reward_hacking: RewardHackingConfig = Field(default_factory=RewardHackingConfig)
+    report_to: list[Tracker] = Field(default_factory=list, description=(
+        "experiment trackers every stage and the evals log to, besides metrics.jsonl (alignment/tracking.py); "
+        "wandb runs offline unless WANDB_MODE says otherwise"))
     on_bad_rows: Optional[Literal["error", "drop", "warn"]] = Field(None, description=(
         "rows that are malformed (empty or null text, an unknown role, a conversation not ending with the "
         "assistant, ...) or whose completion the stage's max_length cuts off: error = stop, naming file:line; "
         "drop = leave them out; warn = keep the truncated rows and leave out the malformed ones (they cannot "
         "train). Every such row is counted and reported per dataset. null: error for malformed rows, warn for "
         "truncated ones"))
+
+    _one_tracker = field_validator("report_to", mode="before")(_listed)
 
     @model_validator(mode="after")
     def _stage_names(self):
@@ -166,6 +203,11 @@ class Recipe(Strict):
         if override is None:
             return self.model
         return self.model.model_copy(update={k: getattr(override, k) for k in override.model_fields_set})
+
+    def stage_report_to(self, stage: str) -> list[str]:
+        """The trackers the stage logs to: its own `report_to`, else the recipe's."""
+        own = self.stages[stage].report_to
+        return list(self.report_to if own is None else own)
 
     def stage_launch(self, stage: str) -> LaunchConfig:
         return self.stages[stage].launch or self.launch

@@ -32,9 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     _install_reward_model_loader(run_dir)
     _install_judge_resolver(ctx)
     ctx.rundir.stage_dir(name).mkdir(parents=True, exist_ok=True)
-    result = STAGES.get(recipe.stages[name].method)(ctx)
+    try:
+        result = STAGES.get(recipe.stages[name].method)(ctx)
+    finally:
+        ctx.finish_tracking()
     if int(os.environ.get("RANK", 0)) == 0:
-        ctx.rundir.write_result(name, {"metrics": result.metrics, "info": result.info,
+        data = {"data_report": ctx.data_report.to_dict()} if ctx.data_report.counts else {}  # -> the manifest, the report
+        ctx.rundir.write_result(name, {"metrics": result.metrics, "info": {**result.info, **data},
                                        "trainer_config": ctx.trainer_config})
     return 0
 

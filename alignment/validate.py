@@ -15,6 +15,7 @@ from pathlib import Path
 from alignment.recipe import BASE, Problem, Recipe, RecipeError, RolloutConfig, line_for, parse_recipe
 from alignment.registry import did_you_mean
 from alignment.stages import STAGES, load_stages
+from alignment.tracking import missing_packages
 from evals import TASKS, check_task_args
 from rewards import build_reward
 
@@ -118,6 +119,9 @@ def check_recipe(recipe: Recipe, *, check_args: bool = True) -> list[Problem]:
         if ev.data is not None and ev.data not in recipe.data:
             problems.append(Problem(("evals", i, "data"), f"dataset '{ev.data}' is not defined under data:{did_you_mean(ev.data, recipe.data)}"))
     problems += _check_plugins(recipe)
+    problems += [Problem(("report_to",), f"report_to: {m}") for m in missing_packages(recipe.report_to)]
+    for name, st in stages.items():
+        problems += [Problem(("stages", name, "report_to"), f"report_to: {m}") for m in missing_packages(st.report_to or [])]
     return problems
 
 

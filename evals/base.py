@@ -29,7 +29,8 @@ class EvalResult:
     `metrics` are flat floats (`{"accuracy": 0.75, "pass@4": 0.9}`); `samples` are rows for the
     report (`prompt`, `completion`, `answer`, `correct` or `score`); `main` is the headline metric
     (tables, bar chart; default: the first); `higher_is_better` colors deltas (metrics it does not
-    name are neutral); `skipped` says why a task did not run on this model.
+    name are neutral); `skipped` says why a task did not run on this model; `scores` are the main metric's
+    per-row values, in row order (so two stages compare row by row: `evals.alarm`).
     """
 
     metrics: dict[str, float] = field(default_factory=dict)
@@ -37,10 +38,13 @@ class EvalResult:
     main: Optional[str] = None
     higher_is_better: dict[str, bool] = field(default_factory=dict)
     skipped: Optional[str] = None
+    scores: list[float] = field(default_factory=list)  # per row, the main metric (its mean): paired stage comparisons
 
     def to_json(self, max_samples: int = 8) -> dict:
         out = {"metrics": {k: float(v) for k, v in self.metrics.items()}, "samples": self.samples[:max_samples],
                "main": self.main or next(iter(self.metrics), None), "higher_is_better": self.higher_is_better}
+        if self.scores:
+            out["scores"] = [round(float(v), 6) for v in self.scores]
         if self.skipped:
             out["skipped"] = self.skipped
         return out

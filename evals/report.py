@@ -39,6 +39,7 @@ class RunData:
     manifests: dict[str, dict] = field(default_factory=dict)
     curves: dict[str, list[dict]] = field(default_factory=dict)
     evals: dict[str, dict] = field(default_factory=dict)  # stage (base first) -> evals/STAGE.json
+    warnings: list[str] = field(default_factory=list)  # reward-hacking alarms (evals.alarm), decontamination counts
 
 
 def read_run(run_dir: Path) -> RunData:
@@ -65,7 +66,36 @@ def read_run(run_dir: Path) -> RunData:
         ev = rundir.read_evals(st)
         if ev is not None:
             data.evals[st] = ev
+    data.warnings = _warnings(text, rundir.path) + _decontamination(data)
     return data
+
+
+def _decontamination(data: RunData) -> list[str]:
+    """Per stage and training set: the rows that shared an n-gram with an eval set (manifest `info.data_report`)."""
+    from alignment.data import CHANGES
+
+    out = []
+    for st in data.stages:
+        for dataset, kinds in ((data.manifests.get(st, {}).get("info") or {}).get("data_report") or {}).items():
+            for kind in ("contaminated", "overlapping"):
+                if kind in kinds:
+                    out.append(f"{st}: training set '{dataset}': {kinds[kind]['rows']} row(s) {kind} -- {CHANGES[kind]}; "
+                               f"e.g. {kinds[kind]['examples'][0]}")
+    return out
+
+
+def _warnings(text: str, run_dir: Path) -> list[str]:
+    """The run's reward-hacking alarms (none for a recipe.yaml this version cannot read)."""
+    import pydantic
+
+    from alignment.recipe import parse_resolved
+    from evals.alarm import reward_hacking_alarms
+
+    try:
+        recipe = parse_resolved(text)
+    except pydantic.ValidationError:
+        return []
+    return [a.message for a in reward_hacking_alarms(recipe, run_dir)]
 
 
 def _stage_order(text: str, raw: dict) -> list[str]:
@@ -269,6 +299,7 @@ def render_html(data: RunData, table: EvalTable, images: dict[str, Path]) -> str
     return _template().render(
         name=data.name, base_model=data.base_model, stages=data.stages, run_dir=str(data.run_dir),
         recipe_text=data.recipe_text, generated=time.strftime("%Y-%m-%d %H:%M"), stage_rows=stage_rows(data),
+        warnings=data.warnings,
         table=table, samples=samples, evals_image=_data_uri(images["evals"]) if "evals" in images else None,
         curves=[(s, _data_uri(images[f"curves-{s}"])) for s in data.stages if f"curves-{s}" in images])
 
@@ -280,21 +311,27 @@ def _md(text, n: int = 200) -> str:
     return _cut(text, n).replace("|", "\\|").replace("\n", "⏎ ")
 
 
+def markdown_eval_table(table: EvalTable) -> list[str]:
+    """The eval table as Markdown lines (base and each stage, deltas against base; the report and the model card)."""
+    out = ["| task | metric | " + " | ".join(table.stages) + " |", "|---|---|" + "---:|" * len(table.stages)]
+    for row in table.rows:
+        cells = [c.text + (f" ({c.delta_text})" if c.delta_text is not None else "") for c in row.cells]
+        name = f"**{row.metric}**" if row.main and row.metric else row.metric
+        out.append(f"| {row.task if row.first else ''} | {name} | " + " | ".join(cells) + " |")
+    return out + [f"\n_{t} on {', '.join(stages)}: skipped: {why}_" for t, why, stages in table.skipped]
+
+
 def render_markdown(data: RunData, table: EvalTable, images: dict[str, Path]) -> str:
-    out = [f"# {data.name}", "", f"alignkit report · base model `{data.base_model}` · stages: {' → '.join(data.stages)}", "",
-           "## Stages", "", "| stage | method | status | time | final metrics |", "|---|---|---|---:|---|"]
+    out = [f"# {data.name}", "", f"alignkit report · base model `{data.base_model}` · stages: {' → '.join(data.stages)}", ""]
+    if data.warnings:
+        out += ["## Warnings", ""] + [f"- **{w}**" for w in data.warnings] + [""]
+    out += ["## Stages", "", "| stage | method | status | time | final metrics |", "|---|---|---|---:|---|"]
     for st in stage_rows(data):
         final = ", ".join(f"{k} {fmt(v)}" for k, v in st["final"]) or "–"
         out.append(f"| {st['stage']} | {st['method']} | {st['status']} | {st['time']} | {final} |")
     out += ["", "## Evals", ""]
     if table.tasks:
-        out.append("| task | metric | " + " | ".join(table.stages) + " |")
-        out.append("|---|---|" + "---:|" * len(table.stages))
-        for row in table.rows:
-            cells = [c.text + (f" ({c.delta_text})" if c.delta_text is not None else "") for c in row.cells]
-            name = f"**{row.metric}**" if row.main and row.metric else row.metric
-            out.append(f"| {row.task if row.first else ''} | {name} | " + " | ".join(cells) + " |")
-        out += [f"\n_{t} on {', '.join(stages)}: skipped: {why}_" for t, why, stages in table.skipped]
+        out += markdown_eval_table(table)
         if "evals" in images:
             out += ["", f"![eval metrics by stage]({images['evals'].name})"]
     else:

@@ -14,6 +14,7 @@ from typing import Optional
 
 from alignment.recipe import BASE, EvalConfig, Recipe
 from alignment.rundir import RunDir
+from alignment.tracking import log_evals
 from evals.base import CONTEXT_ARGS, DEFAULT_BACKEND, DEFAULT_BATCH_SIZE, TASKS, EvalContext, Session, check_task_args
 
 EVALS_VERSION = 1  # bump when a task's numbers change meaning, to invalidate cached results
@@ -164,6 +165,7 @@ def run_evals(recipe: Recipe, run_dir: Path, stages: Optional[list[str]] = None,
         rundir.write_evals(st, out)
         results[st] = out
         session.release()
+    log_evals(recipe, run_dir, results)
     return results
 
 

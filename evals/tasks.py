@@ -106,7 +106,8 @@ def accuracy(ctx: EvalContext, *, max_new_tokens: int = 256, match: str = "math"
             metrics[f"pass@{kk}"] = _mean(pass_at_k(n, c, kk) for c in hits)
     samples = [{"prompt": prompt_text(p), "completion": c, "answer": g, "correct": ok}
                for p, c, g, ok in zip(prompts, greedy, golds, correct)]
-    return EvalResult(metrics, samples, main="accuracy", higher_is_better={m: True for m in metrics})
+    return EvalResult(metrics, samples, main="accuracy", higher_is_better={m: True for m in metrics},
+                      scores=[float(ok) for ok in correct])
 
 
 # ---------------------------------------------------------------- reward model scores
@@ -126,7 +127,7 @@ def reward_score(ctx: EvalContext, *, reward_stage: str, max_new_tokens: int = 1
     scores = ctx.reward_scores(reward_stage, prompts, texts)
     metrics = {"reward": _mean(scores), "reward_std": statistics.pstdev(scores)}
     samples = [{"prompt": prompt_text(p), "completion": t, "score": s} for p, t, s in zip(prompts, texts, scores)]
-    return EvalResult(metrics, samples, main="reward", higher_is_better={"reward": True})
+    return EvalResult(metrics, samples, main="reward", higher_is_better={"reward": True}, scores=scores)
 
 
 @task("win_rate")
@@ -151,7 +152,8 @@ def win_rate(ctx: EvalContext, *, reward_stage: str, baseline: str = "base", max
     samples = [{"prompt": prompt_text(p), "completion": o, "baseline": t, "score": x, "baseline_score": y,
                 "correct": None if x == y else x > y}  # a tie is neither a win nor a loss
                for p, o, t, x, y in zip(prompts, ours, theirs, a, b)]
-    return EvalResult(metrics, samples, main="win_rate", higher_is_better={"win_rate": True, "reward": True})
+    return EvalResult(metrics, samples, main="win_rate", higher_is_better={"win_rate": True, "reward": True},
+                      scores=wins)
 
 
 # ---------------------------------------------------------------- LLM judge (rewards.judge)
@@ -275,7 +277,8 @@ def preference_accuracy(ctx: EvalContext, *, reward_stage: Optional[str] = None,
     samples = [{"prompt": prompt_text(p), "chosen": completion_text(c), "rejected": completion_text(r),
                 "margin": sc - sr, "correct": ok}
                for (p, c, r), sc, sr, ok in zip(triples, chosen, rejected, wins)]
-    return EvalResult(metrics, samples, main="accuracy", higher_is_better={"accuracy": True, "margin": True})
+    return EvalResult(metrics, samples, main="accuracy", higher_is_better={"accuracy": True, "margin": True},
+                      scores=[float(ok) for ok in wins])
 
 
 # ---------------------------------------------------------------- perplexity and KL

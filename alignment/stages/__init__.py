@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Union
 
 from transformers import TrainerCallback
 
+from alignment.data import DataReport
 from alignment.metrics import PROGRESS, rename
 from alignment.recipe import ModelConfig, Recipe, RolloutConfig, StageConfig
 from alignment.registry import Registry
@@ -117,6 +118,8 @@ class StageContext:
     run_dir: Path
     trainer_config: dict[str, Any] = field(default_factory=dict)  # the built config, for the manifest
     reward_funcs: list = field(default_factory=list)  # set by `reward_functions`
+    trackers: Any = None  # alignment.tracking.Trackers of `report_to`, started by the first `log_metrics`
+    data_report: DataReport = field(default_factory=DataReport)  # rows `dataset` dropped, kept with a warning, ...
 
     @property
     def spec(self) -> StageConfig:
@@ -166,10 +169,12 @@ class StageContext:
 
     def dataset(self, formats: Optional[tuple[str, ...]] = None):
         from alignment.data import build
+        from alignment.decontam import row_filter
 
         fn = STAGES.get(self.spec.method)
         return build(self.recipe.data, self.spec.data, formats or fn.formats, seed=self.recipe.seed,
-                     on_bad_rows=self.recipe.on_bad_rows)
+                     on_bad_rows=self.recipe.on_bad_rows, report=self.data_report, contaminated=row_filter(self.recipe),
+                     decontaminate=self.recipe.decontaminate.action if self.recipe.decontaminate else None)
 
     # ------------------------------------------------------------ online RL (grpo, ppo)
 
@@ -203,11 +208,24 @@ class StageContext:
     # ------------------------------------------------------------ logging, progress, the fault hook
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
-        """Append {"step", "time", **metrics} (numbers only; keys from alignment/metrics.py) to metrics.jsonl."""
+        """Append {"step", "time", **metrics} (numbers only; keys from alignment/metrics.py) to metrics.jsonl, and
+        send them to the stage's `report_to` trackers (`alignment.tracking`)."""
         from rewards import missing_metrics
 
         values = {k: v for k, v in metrics.items() if isinstance(v, (int, float))} | missing_metrics(self.reward_funcs)
         self.rundir.append_metrics(self.name, step, values)
+        if self.trackers is None:  # started at the first row: its step tells tensorboard what to purge on a resume
+            from alignment.tracking import Trackers, flat_config
+
+            config = flat_config({"method": self.spec.method, "from": self.spec.from_, "args": self.args})
+            self.trackers = Trackers(self.recipe.stage_report_to(self.name), self.run_dir, project=self.recipe.name,
+                                     run=self.name, first_step=step, config=config)
+        self.trackers.log(values, step)
+
+    def finish_tracking(self) -> None:
+        """Close the `report_to` trackers `log_metrics` started (flush files, end wandb / mlflow runs)."""
+        if self.trackers is not None:
+            self.trackers.finish()
 
     def progress(self, total: int, completed: int = 0) -> "Progress":
         return Progress(self.name, total, completed)
