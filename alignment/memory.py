@@ -17,7 +17,8 @@ The estimate per device, in bytes, is the sum of these parts (`Estimate.parts`):
 - `activations`: micro batch x sequence x per-layer saved tensors (`ACT_*` below) x layers, or with gradient
   checkpointing the layer inputs (batch x sequence x hidden x layers) plus one layer being recomputed.
 - `logits`: batch x sequence x vocab, in the model dtype plus the fp32 upcast and log-softmax of the loss
-  (transformers' `ForCausalLMLoss`); `use_liger_kernel` chunks it (1/8 kept).
+  (transformers' `ForCausalLMLoss`); chunked (1/8 kept) where the method's trainer chunks it (TRL's SFT) or
+  under `use_liger_kernel`.
 - `extra_models`: the models the method keeps (`METHODS`): a frozen reference (DPO, KTO, GRPO with beta > 0,
   PPO) unless an adapter can be disabled instead, PPO's separate critic, a reward-model reward.
 - `rollout`: colocated vLLM's reservation (`gpu_memory_utilization` x device memory) or HF generate's KV cache.
@@ -54,7 +55,7 @@ QUANT_BYTES = {(4, False): 0.5 + 4 / 64, (4, True): 0.5 + 1 / 64 + 4 / (64 * 256
 # MLP width (i): norms' inputs and outputs and the attention output (8h), k and v after RoPE (2kv), SwiGLU's
 # gate, up, act(gate) and product (4i). SDPA / flash attention keep no seq x seq scores; `eager` adds them.
 ACT_HIDDEN, ACT_KV, ACT_MLP = 8, 2, 4
-LOGITS_CHUNKS = 8  # use_liger_kernel: the fused linear + cross-entropy holds about one chunk in eight
+LOGITS_CHUNKS = 8  # a chunked LM head + cross-entropy (TRL SFT, liger) holds about one chunk in eight
 FIT_RESERVE_GIB = 1.0  # CUDA context and allocator fragmentation, kept free when `run` checks the fit
 
 
@@ -232,10 +233,10 @@ class Setup:
 @dataclass(frozen=True)
 class MethodMemory:
     """What a method adds to a plain forward/backward: `batch_factor` sequences per example (DPO: chosen +
-    rejected), whether it computes LM logits, its sequence length, and the extra models it keeps."""
+    rejected), how it computes LM logits (full | chunked | none), its sequence length, and the extra models it keeps."""
 
     batch_factor: int
-    logits: bool
+    logits: str
     seq: Callable[[dict, Recipe, str], tuple[int, int]]  # (tokens per sequence, positions with logits)
     extras: Callable[[dict, Recipe, str], list[Extra]]
 
@@ -279,12 +280,13 @@ def _ppo_extras(args, recipe, name):
     return extras + _reward_models(recipe, name)
 
 
-METHODS.register("sft")(MethodMemory(1, True, _trl_seq, _no_extras))
-METHODS.register("reward")(MethodMemory(2, False, _trl_seq, _no_extras))  # chosen + rejected; a 1-score head
-METHODS.register("dpo")(MethodMemory(2, True, _trl_seq, _reference_unless_adapter))
-METHODS.register("kto")(MethodMemory(2, True, _trl_seq, _reference_unless_adapter))  # + the KL batch
-METHODS.register("grpo")(MethodMemory(1, True, _rollout_seq, _grpo_extras))
-METHODS.register("ppo")(MethodMemory(1, True, _rollout_seq, _ppo_extras))
+# TRL's SFTTrainer computes log-probs through a fused, chunked LM head (`add_fused_lm_head`): no full logits
+METHODS.register("sft")(MethodMemory(1, "chunked", _trl_seq, _no_extras))
+METHODS.register("reward")(MethodMemory(2, "none", _trl_seq, _no_extras))  # chosen + rejected; a 1-score head
+METHODS.register("dpo")(MethodMemory(2, "full", _trl_seq, _reference_unless_adapter))
+METHODS.register("kto")(MethodMemory(2, "full", _trl_seq, _reference_unless_adapter))  # + the KL batch
+METHODS.register("grpo")(MethodMemory(1, "full", _rollout_seq, _grpo_extras))
+METHODS.register("ppo")(MethodMemory(1, "full", _rollout_seq, _ppo_extras))
 
 
 def stage_args(recipe: Recipe, name: str) -> dict:
@@ -366,7 +368,7 @@ def _weight_bytes(shape: ModelShape, s: Setup, *, quantized: bool, reward_head: 
     return params * width
 
 
-def _activation_bytes(shape: ModelShape, s: Setup, *, logits: bool) -> tuple[float, float]:
+def _activation_bytes(shape: ModelShape, s: Setup, *, logits: str) -> tuple[float, float]:
     """(activations, logits) of one forward kept for backward, per device."""
     width, tokens = DTYPE_BYTES[s.dtype], s.batch * s.seq
     per_layer = tokens * (ACT_HIDDEN * shape.hidden + ACT_KV * shape.kv + ACT_MLP * shape.intermediate) * width
@@ -376,11 +378,11 @@ def _activation_bytes(shape: ModelShape, s: Setup, *, logits: bool) -> tuple[flo
         acts = tokens * shape.hidden * width * shape.layers + per_layer  # layer inputs + one layer recomputed
     else:
         acts = per_layer * shape.layers
-    if not logits:
+    if logits == "none":
         return acts, 0.0
     per_logit = width + (4 if width < 4 else 0) + 4  # logits, their fp32 upcast, log-softmax (ForCausalLMLoss)
     logit_bytes = s.batch * s.logit_seq * shape.vocab * per_logit
-    return acts, logit_bytes / LOGITS_CHUNKS if s.liger else logit_bytes
+    return acts, logit_bytes / LOGITS_CHUNKS if s.liger or logits == "chunked" else logit_bytes
 
 
 def _optimizer_bytes_per_param(s: Setup, param_bytes: int) -> float:
