@@ -25,9 +25,8 @@ The estimate per device, in bytes, is the sum of these parts (`Estimate.parts`):
 
 Divided per the stage's launch (its accelerate config): DDP keeps everything on each device and adds the
 gradient buckets; ZeRO-2 shards gradients and optimizer; ZeRO-3 / FSDP shard weights too (plus two gathered
-layers); CPU offload takes the optimizer (and with param offload the weights) off the device. Gradients and
-activations overlap only in part (backward frees activations as it makes gradients), so without gradient
-accumulation the peak counts the larger of the two; with it, both.
+layers); CPU offload takes the optimizer (and with param offload the weights) off the device. The peak is the
+sum of the parts (gradients and activations do coexist: measured, `bench/memory.md`).
 
 Checked against CPU runs here and torchtune's published Llama-3.1-8B figures: `bench/memory.md`.
 """
@@ -217,7 +216,6 @@ class Setup:
     batch: int  # sequences per forward (micro batch x the method's factor, e.g. DPO's chosen + rejected)
     seq: int  # tokens per sequence
     logit_seq: int  # positions whose logits are computed (completion only for GRPO / PPO)
-    grad_accum: int
     optim: str
     liger: bool
     eager_attention: bool
@@ -325,7 +323,7 @@ def stage_setup(recipe: Recipe, name: str, gpus: Optional[int] = None) -> Setup:
                         else tuple(model.adapter.target_modules)) if model.adapter else "all-linear",
         gradient_checkpointing=bool(args.get("gradient_checkpointing", model.gradient_checkpointing)),
         batch=micro * method.batch_factor, seq=seq, logit_seq=logit_seq,
-        grad_accum=int(args.get("gradient_accumulation_steps", 1)), optim=str(args.get("optim", "adamw_torch")),
+        optim=str(args.get("optim", "adamw_torch")),
         liger=bool(args.get("use_liger_kernel", False)), eager_attention=model.attn_implementation == "eager",
         sharding=sharding_of(recipe, name, gpus), extras=tuple(method.extras(args, recipe, name)),
         rollout=rollout, rollout_util=util, rollout_tokens=tokens, micro_batch=micro, batch_factor=method.batch_factor)
@@ -438,8 +436,7 @@ def estimate(shape: ModelShape, s: Setup, *, gpu_mem_gib: Optional[float] = None
         rollout = s.rollout_tokens * 2 * shape.layers * shape.kv * width  # K and V per layer
     parts = {"weights": weights, "adapter": adapter, "gradients": grads + buckets, "optimizer": optimizer,
              "activations": acts, "logits": logits, "extra_models": frozen, "rollout": rollout}
-    backward = grads + buckets + acts + logits if s.grad_accum > 1 else max(grads + buckets, acts + logits)
-    peak = weights + adapter + optimizer + frozen + rollout + backward
+    peak = sum(parts.values())  # gradients and activations coexist: measured on CPU (bench/memory.md)
     return Estimate(stage, s.method, sh.label(), parts, peak)
 
 
