@@ -285,6 +285,8 @@ METHODS.register("dpo")(MethodMemory(2, "full", _trl_seq, _reference_unless_adap
 METHODS.register("kto")(MethodMemory(2, "full", _trl_seq, _reference_unless_adapter))  # + the KL batch
 METHODS.register("grpo")(MethodMemory(1, "full", _rollout_seq, _grpo_extras))
 METHODS.register("ppo")(MethodMemory(1, "full", _rollout_seq, _ppo_extras))
+# GKD: a frozen teacher, counted at the student's size (a teacher of another size is not read from its config)
+METHODS.register("distill")(MethodMemory(1, "full", _trl_seq, lambda args, recipe, name: [Extra("teacher", "frozen", quantized=False)]))
 
 
 def stage_args(recipe: Recipe, name: str) -> dict:
