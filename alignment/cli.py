@@ -21,7 +21,7 @@ RecipeArg = typer.Argument(..., help="recipe YAML file", show_default=False)
 RunDirOpt = typer.Option("runs", "--run-dir", help="parent folder of run directories")
 
 
-def _load(path: Path, *, check_data: bool = False):
+def _load(path: Path, *, check_data: bool = False, offline: bool = False):
     """Load a recipe; on a bad recipe or bad data print one clear error and exit 2."""
     from alignment.data import DataError
     from alignment.recipe import RecipeError
@@ -33,17 +33,18 @@ def _load(path: Path, *, check_data: bool = False):
     try:
         recipe = load_recipe(path)
         if check_data:
-            check_data_of(recipe)
+            check_data_of(recipe, offline=offline)
         return recipe
     except (RecipeError, DataError) as e:
         err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
-def check_data_of(recipe) -> None:
+def check_data_of(recipe, *, offline: bool = False) -> None:
     """Load every dataset a stage uses, check all rows against the stage's formats (`on_bad_rows`)
-    and print what would be dropped, retyped or split (`alignment.data.DataReport`)."""
-    from alignment.data import DataError, DataReport, check, load
+    and print what would be dropped, retyped or split (`alignment.data.DataReport`). `offline`: hub
+    datasets are named, not loaded (local files are checked all the same)."""
+    from alignment.data import DataError, DataReport, check, is_hub, load
     from alignment.stages import STAGES
     from rewards import build_reward
 
@@ -51,6 +52,12 @@ def check_data_of(recipe) -> None:
     for name, st in recipe.stages.items():
         fn = STAGES.get(st.method)
         for ref in st.data:
+            if offline and is_hub(recipe.data[ref.name]):
+                if ref.name not in seen:
+                    console.print(f"data: dataset '{ref.name}' is the hub dataset {recipe.data[ref.name].path}: "
+                                  f"rows not checked (--offline)", style="yellow", markup=False, soft_wrap=True)
+                seen.add(ref.name)
+                continue
             into = DataReport() if ref.name in seen else report  # a dataset two stages use is reported once
             seen.add(ref.name)
             loaded = load(ref.name, recipe.data[ref.name], on_bad_rows=recipe.on_bad_rows, report=into)
@@ -70,6 +77,8 @@ def run(
     stage: Optional[str] = typer.Option(None, "--stage", help="run only this stage (and the stages it needs)"),
     force: bool = typer.Option(False, "--force", help="rerun even if done (with --stage: only that stage)"),
     run_dir: Path = RunDirOpt,
+    gpu_mem: Optional[float] = typer.Option(None, "--gpu-mem", help="device memory in GiB to check against; default: the GPU's"),
+    no_memory_check: bool = typer.Option(False, "--no-memory-check", help="run a stage even if its estimate does not fit"),
 ):
     """Run every stage of RECIPE in order, skipping stages already done and resuming cut-off ones."""
     from alignment.pipeline import Pipeline, RunLocked, StageFailed
@@ -81,6 +90,8 @@ def run(
         err.print(f"[bold red]error:[/] no stage '{stage}' in {recipe}{did_you_mean(stage, rec.stages)}; stages: {', '.join(rec.stages)}")
         raise typer.Exit(2)
     pipe = Pipeline(rec, run_dir, console=console)
+    if not no_memory_check:
+        _check_memory(pipe, recipe.parent, stage, force, gpu_mem)
     console.print(f"[bold]alignkit[/] {rec.name}: {' → '.join(rec.ancestors(stage) if stage else rec.order())}  [dim]run dir {pipe.run_dir}[/]")
     try:
         rows = pipe.run(only=stage, force=force)
@@ -116,6 +127,20 @@ def _print_alarms(recipe, run_dir: Path) -> None:
         console.print(f"[bold red]warning:[/] {escape(alarm.message)}", soft_wrap=True)
 
 
+def _check_memory(pipe, recipe_dir: Path, stage: Optional[str], force: bool, gpu_mem: Optional[float]) -> None:
+    """Refuse (exit 2) before any model loads when a stage that will run does not fit the device
+    (`alignment.memory.check_fits`: --gpu-mem, else the GPU's memory; no GPU and no --gpu-mem: no check)."""
+    from alignment.memory import DoesNotFit, PlanError, check_fits
+
+    wanted = set(pipe.recipe.ancestors(stage) if stage else pipe.recipe.order())
+    todo = [s.name for s in pipe.status() if s.name in wanted and (force or s.state != "done")]
+    try:
+        check_fits(pipe.recipe, recipe_dir, todo, gpu_mem)
+    except (DoesNotFit, PlanError) as e:
+        err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 SUMMARY_METRICS = ("reward/mean", "train_loss")  # alignment/metrics.py names; the first a stage reports
 
 
@@ -142,11 +167,14 @@ def _summary(rows: list[dict], run_dir: Path) -> None:
 
 
 @app.command()
-def validate(recipe: Path = RecipeArg):
+def validate(recipe: Path = RecipeArg,
+             offline: bool = typer.Option(False, "--offline", help="do not load hub datasets (local files are still checked)")):
     """Check RECIPE: schema, TRL args, stage references, data files and columns, reward names."""
-    rec = _load(recipe, check_data=True)
+    rec = _load(recipe, check_data=True, offline=offline)
     _print_overlap(rec)
-    used = {r.name for st in rec.stages.values() for r in st.data}
+    from alignment.data import is_hub
+
+    used = {r.name for st in rec.stages.values() for r in st.data if not (offline and is_hub(rec.data[r.name]))}
     console.print(f"[green]✓[/] {recipe}: {len(rec.stages)} stage(s) ({' → '.join(rec.order())}), "
                   f"{len(used)} training dataset(s) checked row by row")
 
@@ -167,24 +195,46 @@ def _print_overlap(recipe) -> None:
 
 
 @app.command()
-def plan(recipe: Path = RecipeArg, run_dir: Path = RunDirOpt):
-    """Show the stage DAG and what is already done in the run directory."""
+def plan(recipe: Path = RecipeArg, run_dir: Path = RunDirOpt,
+         gpus: Optional[int] = typer.Option(None, "--gpus", help="devices per stage launched with an accelerate config"),
+         gpu_mem: Optional[float] = typer.Option(None, "--gpu-mem", help="memory per device in GiB: say what fits"),
+         as_json: bool = typer.Option(False, "--json", help="print the memory plan as JSON (GiB) and nothing else")):
+    """Show the stage DAG, what is already done in the run directory, and peak memory per device per stage."""
+    import json
+
+    from alignment.memory import PlanError, plan_recipe
     from alignment.pipeline import Pipeline
 
     rec = _load(recipe)
+    try:
+        mem = plan_recipe(rec, recipe.parent, gpus=gpus, gpu_mem_gib=gpu_mem)
+    except PlanError as e:
+        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps({"recipe": rec.name, "gpus": gpus, "gpu_mem_gib": gpu_mem, "stages": {
+            n: {**p.estimate.gib(), "fits": p.fits, "suggestions": p.suggestions} for n, p in mem.items()}}, indent=1))
+        return
     pipe = Pipeline(rec, run_dir, console=console)
     table = Table(title=f"{rec.name} → {pipe.run_dir}", title_justify="left")
-    for col in ("stage", "method", "from", "data", "adapter", "quant", "state", "fingerprint"):
+    for col in ("stage", "method", "from", "data", "adapter", "quant", "memory/device", "state", "fingerprint"):
         table.add_column(col)
     style = {"done": "green", "resume": "yellow", "stale": "yellow", "new": "cyan"}
     for st in pipe.status():
-        spec, model = rec.stages[st.name], rec.stage_model(st.name)
+        spec, model, est = rec.stages[st.name], rec.stage_model(st.name), mem[st.name]
         state = {"done": "done (skip)", "resume": "resume", "stale": "stale: rerun", "new": "to run"}[st.state]
+        fit = {None: "", True: " [green]fits[/]", False: " [red]too big[/]"}[est.fits]
         table.add_row(st.name, st.method, spec.from_, ", ".join(r.name for r in spec.data) or "-",
                       model.adapter.method if model.adapter else "full",
                       f"{model.quantization.bits}-bit" if model.quantization else "-",
+                      f"{est.estimate.peak / 2**30:.1f} GiB{fit}",
                       f"[{style[st.state]}]{state}[/]" + (f" [dim]({st.reason})[/]" if st.reason else ""), st.fingerprint)
     console.print(table)
+    for name, est in mem.items():
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in est.estimate.gib()["parts_gib"].items() if v)
+        console.print(f"  {name} ({est.estimate.sharding}): {parts} GiB", markup=False, soft_wrap=True)
+        for fix in est.suggestions:
+            console.print(f"    would fit with {fix}", style="yellow", markup=False, soft_wrap=True)
     _print_overlap(rec)
 
 

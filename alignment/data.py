@@ -238,7 +238,7 @@ def load(name: str, cfg: DatasetConfig, *, on_bad_rows: Optional[str] = None,
     counted as `retyped` in `report`); errors name the file and line. `unpaired: true` checks
     the pairs (`check`, with `on_bad_rows`) and turns them into unpaired rows."""
     path = Path(cfg.path)
-    if path.suffix in (".jsonl", ".json", ".parquet", ".csv") and not path.exists():
+    if not is_hub(cfg) and not path.exists():
         raise DataError(f"dataset '{name}': file not found: {path}")
     if path.suffix == ".jsonl" or (path.suffix == ".json" and _looks_like_jsonl(path)):
         rows, lines = _read_jsonl(path)
@@ -319,6 +319,11 @@ def _read_table(path: Path) -> list[dict]:
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise DataError(f"{path}: expected a JSON array of objects (or one JSON object per line)")
     return rows
+
+
+def is_hub(cfg: DatasetConfig) -> bool:
+    """A dataset `load` reads through `datasets.load_dataset` (a hub id): its path is not a .jsonl/.json/.parquet/.csv file."""
+    return Path(cfg.path).suffix not in (".jsonl", ".json", ".parquet", ".csv")
 
 
 def _read_hub(cfg: DatasetConfig) -> list[dict]:
