@@ -4,9 +4,11 @@ Each update samples completions from the rollout engine, scores them with the `r
 per-token KL penalty to the reference in the reward, estimates advantages with GAE against a critic, and
 takes K epochs x M minibatches of clipped policy + value steps (Schulman et al. 2017, arXiv 1707.06347;
 Ziegler et al. 2019, arXiv 1909.08593; the choices follow Huang et al. 2024, "The N Implementation
-Details of RLHF with PPO", as listed in shared/notes/ppo-checklist.md).
+Details of RLHF with PPO", as listed in shared/notes/ppo-checklist.md). On one process or on N under DDP
+(`accelerate.Accelerator`): each rank rolls out its share of the prompts, statistics span the global batch.
 
     alignkit run recipes/quickstart/ppo.yaml --stage ppo
+    python -m torch.distributed.run --nproc_per_node 2 -m alignment.stage runs/NAME ppo  # what num_processes: 2 runs
 """
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ import torch
 from pydantic import Field
 
 from alignment.algos import (
-    KL_ESTIMATORS, AdaptiveKLController, AggMode, AllReduce, FixedKLController, RolloutBatch, aggregate_loss,
-    compute_gae, compute_kl, compute_token_rewards, compute_value_loss, entropy_from_logits, logprobs_from_logits,
-    masked_count, masked_mean, masked_var, masked_whiten, ppo_clip_loss, truncate_after_stop,
+    KL_ESTIMATORS, AdaptiveKLController, AggMode, FixedKLController, RolloutBatch, aggregate_loss, compute_gae,
+    compute_kl, compute_token_rewards, compute_value_loss, entropy_from_logits, logprobs_from_logits, masked_mean,
+    masked_var, masked_whiten, ppo_clip_loss, truncate_after_stop,
 )
+from alignment.algos import AllReduce, masked_count
 from alignment.recipe import _pydantic_problems
 from alignment.registry import did_you_mean
 from alignment.rollout import Completion, SamplingConfig
@@ -242,19 +245,18 @@ def policy_forward(model, batch: RolloutBatch, temperature: float, *, value_head
                    detach_trunk: bool = False):
     """Log-probs of the response tokens (B, T) at `temperature`, and optionally their entropy and the value
     head's values (B, T), read at the state before each token (the logits' shifted positions).
-    `detach_trunk`: the model runs without grad, so value gradients stop at the head (critic warm-up leaves the
-    policy as it is)."""
+    `detach_trunk`: value gradients stop at the head (critic warm-up leaves the policy as it is)."""
     length = batch.response_ids.shape[1]
-    with torch.no_grad() if detach_trunk else contextlib.nullcontext():
-        # logits only for the last T + 1 positions: the lm_head over a long prompt would be wasted
-        out = model(**_model_inputs(batch), output_hidden_states=value_head is not None, logits_to_keep=length + 1)
-        logits = out.logits[:, -length - 1:-1]
-        logprobs = logprobs_from_logits(logits, batch.response_ids, temperature)
-        ent = entropy_from_logits(logits, temperature) if entropy else None
+    # logits only for the last T + 1 positions: the lm_head over a long prompt would be wasted
+    out = model(**_model_inputs(batch), output_hidden_states=value_head is not None, logits_to_keep=length + 1)
+    logits = out.logits[:, -length - 1:-1]
+    logprobs = logprobs_from_logits(logits, batch.response_ids, temperature)
+    ent = entropy_from_logits(logits, temperature) if entropy else None
     values = None
     if value_head is not None:
         with torch.autocast(out.logits.device.type, enabled=False):  # values feed GAE: fp32 even under bf16
-            values = value_head(out.hidden_states[-1][:, -length - 1:-1].float()).squeeze(-1)
+            hidden = out.hidden_states[-1][:, -length - 1:-1].float()
+            values = value_head(hidden.detach() if detach_trunk else hidden).squeeze(-1)
     return logprobs, ent, values
 
 
@@ -458,7 +460,7 @@ class PPOTrainer:
         minibatch's `normalizer`, so micro-batch losses (and gradients) sum to the minibatch's."""
         cfg, roles, mask = self.cfg, self.roles, part.response_mask
         warming = self.update < cfg.critic_warmup
-        # critic warm-up: the policy runs without grad and outside DDP (no gradient of it to wait for)
+        # critic warm-up: the policy runs outside DDP, whose reducer would wait for policy gradients that never come
         policy = roles.policy if warming else self.policy
         value_head = self.value_model if roles.value_head is not None else None
         with self.autocast():

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
+from alignment.recipe import RecipeError
 from alignment.rundir import RunDir
 from alignment.validate import load_recipe
 from tests.helpers import metrics, write_jsonl, write_recipe
@@ -91,13 +91,18 @@ def test_two_processes_train_the_curve_of_one_with_the_same_global_batch(tmp_pat
     assert not (two / "ppo" / "model.tmp").exists() and (two / "ppo" / "result.json").exists()
 
 
-def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process | None:
-    for child in psutil.Process(launcher.pid).children(recursive=True):
-        try:
-            if child.environ().get("RANK") == str(rank) and "alignment.stage" in child.cmdline():
-                return child
-        except psutil.NoSuchProcess:
+def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The pid of the launcher's worker with RANK=`rank` (Linux /proc: parent pid and environment)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
             continue
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        if parent == launcher.pid and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
     return None
 
 
@@ -114,9 +119,9 @@ def test_a_rank_killed_mid_stage_resumes_from_the_last_checkpoint(tmp_path, tiny
         deadline = time.time() + 600
         while not checkpoint.exists() and launcher.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        victim = rank_process(launcher, 1)
+        victim = rank_pid(launcher, 1)
         assert victim is not None, launcher.communicate()[0][-3000:]
-        os.kill(victim.pid, signal.SIGKILL)
+        os.kill(victim, signal.SIGKILL)
         output = launcher.communicate(timeout=300)[0]
     finally:
         if launcher.poll() is None:
@@ -132,3 +137,20 @@ def test_a_rank_killed_mid_stage_resumes_from_the_last_checkpoint(tmp_path, tiny
     assert (run_dir / "ppo" / "model" / "model.safetensors").exists()
     assert sorted(p.name for p in (run_dir / "ppo" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert (run_dir / "ppo" / "checkpoints" / "checkpoint-4" / "critic" / "model.safetensors").exists()
+
+
+def test_validate_takes_ppo_on_two_processes_with_hf_rollouts(tmp_path, tiny_model_path):
+    """`launch: {num_processes: 2}` validates with hf rollouts (each rank generates its shard); other engines
+    are refused at the rollout key until they are wired across processes."""
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "say 1:"}])
+
+    def recipe(backend):
+        stages = {"ppo": {"method": "ppo", "data": ["prompts"], "rewards": [{"name": "tests.stages.test_ppo.sevens"}],
+                          "rollout": {"backend": backend, "num_generations": 2}, "launch": {"num_processes": 2},
+                          "args": {"per_device_train_batch_size": 4}}}
+        return write_recipe(tmp_path, tiny_model_path, stages, data={"prompts": {"path": "prompts.jsonl"}})
+
+    assert load_recipe(recipe("hf")).stage_launch("ppo").num_processes == 2
+    with pytest.raises(RecipeError, match=r"stages.ppo.rollout.backend: ppo on several processes generates on every "
+                                          r"rank with the hf engine; 'vllm' rollouts"):
+        load_recipe(recipe("vllm"))
