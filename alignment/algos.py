@@ -23,44 +23,67 @@ Metrics = dict[str, Tensor]  # fixed keys; detached 0-dim tensors, .item() them 
 # ------------------------------------------------------------------------ masked statistics
 
 
-def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+AllReduce = Callable[[Tensor], Tensor]
+"""Sums a tensor over the data-parallel ranks and returns the sum, e.g. `lambda t: accelerator.reduce(t, "sum")`.
+Given to the masked statistics below, it makes them statistics of the global batch: every rank's rows, as if
+they were concatenated in one process (sums and counts are reduced, in float64)."""
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None, *, all_reduce: AllReduce | None = None) -> Tensor:
     """Mean of `x` over the positions where `mask` is True.
 
     Args:
         x: (B, T), or any shape; masked-out values are ignored, even NaN or inf.
         mask: bool or 0/1, same shape as `x`.
         dim: reduce over this dim only; None reduces over everything.
+        all_reduce: with dim None, the mean over every rank's positions (`AllReduce`); None = this process's.
 
     Returns:
         0-dim tensor, or `x` reduced over `dim`. An empty mask gives 0, not NaN.
+
+    Raises:
+        ValueError: `all_reduce` with a `dim`.
     """
     mask = mask.bool()
     kept = torch.where(mask, x, 0)
+    if all_reduce is not None:
+        if dim is not None:
+            raise ValueError("masked_mean reduces over ranks only over every dim (dim=None)")
+        total, count = all_reduce(torch.stack([kept.sum().double(), mask.sum().double()]))
+        return (total / count.clamp(min=1)).to(kept.dtype)
     if dim is None:
         return kept.sum() / mask.sum().clamp(min=1)
     return kept.sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance of `x` over the positions where `mask` is True (0-dim tensor).
+def masked_count(mask: Tensor, *, all_reduce: AllReduce | None = None) -> int:
+    """Valid positions in `mask`, over every rank with `all_reduce` (a host sync)."""
+    count = mask.bool().sum()
+    return int(count if all_reduce is None else all_reduce(count.double()))
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, *, all_reduce: AllReduce | None = None) -> Tensor:
+    """Variance of `x` over the positions where `mask` is True (0-dim tensor), two-pass (mean first).
 
     Args:
         x: (B, T). mask: (B, T), bool or 0/1.
         unbiased: Bessel's correction n/(n-1), as TRL and verl; False gives the biased variance,
             as OpenRLHF and OpenAI's lm-human-preferences.
+        all_reduce: the variance over every rank's positions (`AllReduce`); None = this process's.
 
     Raises:
-        ValueError: fewer than 2 valid positions (1 when biased).
+        ValueError: fewer than 2 valid positions (1 when biased), over every rank with `all_reduce`.
     """
-    count, minimum = int(mask.bool().sum()), 2 if unbiased else 1  # host sync: once per rollout
+    count, minimum = masked_count(mask, all_reduce=all_reduce), 2 if unbiased else 1  # host sync: once per rollout
     if count < minimum:
         raise ValueError(f"masked_var needs at least {minimum} valid positions, got {count}")
-    var = masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+    var = masked_mean((x - masked_mean(x, mask, all_reduce=all_reduce)) ** 2, mask, all_reduce=all_reduce)
     return var * count / (count - 1) if unbiased else var
 
 
 def masked_whiten(
-    x: Tensor, mask: Tensor, shift_mean: bool = True, unbiased: bool = True, eps: float = 1e-8
+    x: Tensor, mask: Tensor, shift_mean: bool = True, unbiased: bool = True, eps: float = 1e-8,
+    *, all_reduce: AllReduce | None = None,
 ) -> Tensor:
     """Scale `x` to unit variance (and zero mean) over its valid positions; pads set to 0.
 
@@ -69,11 +92,14 @@ def masked_whiten(
         shift_mean: False keeps the mean (for rewards, so that their sign survives).
         unbiased: see `masked_var`.
         eps: added to the variance under the square root.
+        all_reduce: mean and variance over every rank's positions (`AllReduce`): data-parallel ranks
+            whiten their shards as one global batch would be. None = this process's.
 
     Returns:
         (B, T): (x - mean) / sqrt(var + eps), + mean when not shift_mean; 0 at pads.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased=unbiased)
+    mean = masked_mean(x, mask, all_reduce=all_reduce)
+    var = masked_var(x, mask, unbiased=unbiased, all_reduce=all_reduce)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

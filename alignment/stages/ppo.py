@@ -4,9 +4,11 @@ Each update samples completions from the rollout engine, scores them with the `r
 per-token KL penalty to the reference in the reward, estimates advantages with GAE against a critic, and
 takes K epochs x M minibatches of clipped policy + value steps (Schulman et al. 2017, arXiv 1707.06347;
 Ziegler et al. 2019, arXiv 1909.08593; the choices follow Huang et al. 2024, "The N Implementation
-Details of RLHF with PPO", as listed in shared/notes/ppo-checklist.md).
+Details of RLHF with PPO", as listed in shared/notes/ppo-checklist.md). On one process or on N under DDP
+(`accelerate.Accelerator`): each rank rolls out its share of the prompts, statistics span the global batch.
 
     alignkit run recipes/quickstart/ppo.yaml --stage ppo
+    python -m torch.distributed.run --nproc_per_node 2 -m alignment.stage runs/NAME ppo  # what num_processes: 2 runs
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from alignment.algos import (
     compute_kl, compute_token_rewards, compute_value_loss, logprobs_from_hidden, masked_mean,
     masked_var, masked_whiten, ppo_clip_loss, truncate_after_stop,
 )
+from alignment.algos import AllReduce, masked_count
 from alignment.recipe import _pydantic_problems
 from alignment.registry import did_you_mean
 from alignment.rollout import Completion, SamplingConfig
@@ -44,15 +47,21 @@ from alignment.stages import StageContext, StageResult, effective_args, reward_t
 # ---------------------------------------------------------------------------------------------- config
 
 
+RANK_SEED_STRIDE = 100003  # rank r seeds its RNG streams with seed + r * this (checklist 0, TRL's PPO)
+PROMPT_SEED_STRIDE = 1_000_003  # `rollout_seed_per_prompt`: prompt k of the stream samples from seed * this + k
+
+
 @pydantic.dataclasses.dataclass(config=pydantic.ConfigDict(extra="forbid"))
 class PPOConfig:
     """The `args:` of a ppo stage, named as in TRL's on-policy trainers (its old PPOConfig and RLOOConfig, which
-    count `per_device_train_batch_size` in sequences, as GRPOConfig does): one update generates a rollout of
-    `per_device_train_batch_size` x `gradient_accumulation_steps` x `num_mini_batches` sequences, i.e. that over
-    `rollout.num_generations` prompts, then takes `num_ppo_epochs` x `num_mini_batches` optimizer steps, each
-    summing `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` sequences (one
-    forward/backward each; ppo runs in one process). `max_steps` counts updates; unset, the stage makes
-    `num_train_epochs` passes over the prompts.
+    count `per_device_train_batch_size` in sequences, as GRPOConfig does): in one update each of the N processes
+    generates a rollout of `per_device_train_batch_size` x `gradient_accumulation_steps` x `num_mini_batches`
+    sequences (its share of the global rollout, N times that: TRL's `local_batch_size` and `batch_size`), i.e.
+    that over `rollout.num_generations` prompts, then takes `num_ppo_epochs` x `num_mini_batches` optimizer steps,
+    each summing `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` sequences per
+    process (one forward/backward each). A global minibatch is thus per_device x accumulation x N sequences:
+    halving `per_device_train_batch_size` (or the accumulation) while doubling N trains the same. `max_steps`
+    counts updates; unset, the stage makes `num_train_epochs` passes over the prompts.
 
     Raises:
         pydantic.ValidationError: a wrong type or an out-of-range value (a recipe reports it with file:line).
@@ -103,6 +112,9 @@ class PPOConfig:
     logging_steps: int = Field(1, gt=0, description="write metrics every N updates")
     sample_steps: int = Field(10, gt=0, description="print one decoded completion and its reward every N updates")
     seed: Optional[int] = Field(None, description="None = the recipe's seed")
+    rollout_seed_per_prompt: bool = Field(
+        False, description="sample each prompt from its own seed (seed and the prompt's place in the stream): the "
+                           "same rollouts at any process count or batch layout, at one generate call per prompt")
 
     @pydantic.field_validator("kl_estimator")
     @classmethod
@@ -114,14 +126,20 @@ class PPOConfig:
 
     @property
     def rollout_size(self) -> int:
-        """Sequences per rollout: per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches."""
+        """Sequences per rollout on each process: per_device_train_batch_size x gradient_accumulation_steps x
+        num_mini_batches (the global rollout is that x the number of processes)."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
 
-    def num_updates(self, num_prompts: int, num_generations: int) -> int:
+    def num_updates(self, num_prompts: int, num_generations: int, num_processes: int = 1) -> int:
         """`max_steps`, or the updates `num_train_epochs` passes over `num_prompts` prompts take."""
         if self.max_steps > 0:
             return self.max_steps
-        return max(1, math.ceil(self.num_train_epochs * num_prompts * num_generations / self.rollout_size))
+        return max(1, math.ceil(self.num_train_epochs * num_prompts * num_generations
+                                / (self.rollout_size * num_processes)))
+
+
+_MULTI_PROCESS_BACKEND = ("ppo on several processes generates on every rank with the hf engine; {!r} rollouts are "
+                          "not wired across processes yet: set rollout.backend: hf, or launch.num_processes: 1")
 
 
 def _check(recipe, name):
@@ -154,8 +172,8 @@ def _check(recipe, name):
     if model.quantization is not None and model.adapter is None:
         problems.append(Problem(where + ("model",), "quantized weights cannot be trained in full: add an "
                                 "adapter (QLoRA) or drop the quantization"))
-    if (recipe.stage_launch(name).num_processes or 1) > 1:
-        problems.append(Problem(where + ("launch", "num_processes"), "ppo runs in one process; set num_processes: 1"))
+    if (recipe.stage_launch(name).num_processes or 1) > 1 and rollout.backend != "hf":
+        problems.append(Problem(where + ("rollout", "backend"), _MULTI_PROCESS_BACKEND.format(rollout.backend)))
     return problems
 
 
@@ -249,12 +267,14 @@ def policy_forward(model, batch: RolloutBatch, temperature: float, *, value_head
     return logprobs, ent, values
 
 
-def critic_forward(critic, batch: RolloutBatch):
-    """Values (B, T) of a separate critic: its sequence-classification head at every state, not pooled."""
+def critic_forward(critic, batch: RolloutBatch, score: Optional[torch.nn.Module] = None):
+    """Values (B, T) of a separate critic: its sequence-classification head at every state, not pooled.
+    `score`: that head, when `critic` is a DDP wrapper around the model (None: `critic.score`)."""
+    score = critic.score if score is None else score
     out = critic(**_model_inputs(batch), output_hidden_states=True)
     hidden = out.hidden_states[-1][:, batch.query_ids.shape[1] - 1:-1]
     with torch.autocast(hidden.device.type, enabled=False):  # values feed GAE: fp32 even under bf16
-        return critic.score(hidden.to(critic.score.weight.dtype)).squeeze(-1).float()
+        return score(hidden.to(score.weight.dtype)).squeeze(-1).float()
 
 
 def collate(completions: list[Completion], *, pad_id: int, stop_id: int, device) -> tuple[RolloutBatch, dict]:
@@ -297,16 +317,32 @@ class UpdateStats:
     sample_score: float  # the reward functions' total, before the EOS penalty
 
 
+def new_accelerator():
+    """An `accelerate.Accelerator` over the launcher's environment (torch.distributed.run or accelerate launch: DDP
+    with nccl on GPUs, gloo on CPUs -- accelerate takes a CPU world only when told `cpu=True`); one process
+    without one. The caller places the models (bitsandbytes places 4-bit weights itself): accelerate only wraps."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available(), device_placement=False)
+
+
 class PPOTrainer:
-    """The PPO loop over `Roles` and a rollout engine: `step(prompt_ids, reward_fn)` runs one update as
-    named, timed phases (generate -> score -> forward -> advantages -> train -> sync -> kl controller);
-    `save` / `load` hold everything a resume needs.
+    """The PPO loop over `Roles` and a rollout engine on an `accelerate.Accelerator`: `step(prompt_ids, reward_fn)`
+    runs one update as named, timed phases (generate -> score -> forward -> advantages -> train -> sync -> kl
+    controller); `save` / `load` hold everything a resume needs.
+
+    Across processes (DDP: `torch.distributed.run` or `accelerate launch`) each rank steps on its own shard of the
+    update's prompts: the policy and the value head / critic are prepared (DDP-wrapped, gradients averaged), the
+    reference stays a frozen local copy, and every statistic that steers training -- advantage (and reward)
+    whitening, the loss normalisers, the KL fed to the adaptive controller -- and every logged metric is taken over
+    the global batch (`accelerator.reduce` of sums and counts), so a run means the same at any process count.
 
     Raises:
         ValueError: a rollout that is not `cfg.rollout_size` sequences; `cfg.max_steps` unset; a bad role setup.
     """
 
-    def __init__(self, roles: Roles, engine, cfg: PPOConfig, sampling: SamplingConfig, *, stop_id: int, pad_id: int):
+    def __init__(self, roles: Roles, engine, cfg: PPOConfig, sampling: SamplingConfig, *, stop_id: int, pad_id: int,
+                 accelerator=None):
         if sampling.top_k or sampling.top_p < 1 or sampling.temperature <= 0:
             raise ValueError("ppo samples from the policy itself: temperature > 0, top_k 0, top_p 1")
         if cfg.max_steps <= 0:
@@ -314,15 +350,28 @@ class PPOTrainer:
         self.roles, self.engine, self.cfg, self.sampling = roles, engine, cfg, sampling
         self.stop_id, self.pad_id = stop_id, pad_id
         self.device = next(roles.policy.parameters()).device
+        self.accelerator = accelerator or new_accelerator()
+        self.num_processes = self.accelerator.num_processes
+        # one process: no collective at all, so the statistics are computed exactly as they always were
+        self.all_reduce: Optional[AllReduce] = (
+            None if self.num_processes == 1 else functools.partial(self.accelerator.reduce, reduction="sum"))
         policy_params, critic_params = roles.trainable()
         self.params = policy_params + critic_params
-        self.optimizer = torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             [{"params": policy_params, "lr": cfg.learning_rate},
              {"params": critic_params, "lr": cfg.critic_learning_rate or cfg.learning_rate}],
             eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-        # no warmup, linear decay to 0 over the updates; one scheduler step per update (N+, NB General 5)
+        # no warmup, linear decay to 0 over the updates; one scheduler step per update (N+, NB General 5). Not
+        # prepared: accelerate's scheduler wrapper steps once per process, where ours counts updates.
         decay = (lambda u: 1.0 - u / cfg.max_steps) if cfg.lr_scheduler_type == "linear" else (lambda u: 1.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
+        # DDP wraps what trains; its wrappers run only the forward passes that backpropagate (`minibatch_loss`).
+        # The reference (and a reward model) stay inference-only local copies. Under ZeRO-3 / FSDP they would be
+        # sharded too, as TRL's trainers do: `trl.models.utils.prepare_deepspeed(model, accelerator)` (deepspeed's
+        # inference `initialize` with the run's ZeRO-3 config) or `prepare_fsdp(model, accelerator)`, else
+        # `accelerator.prepare_model(model, evaluation_mode=True)`; `run` refuses those engines until then.
+        value_module = roles.value_head if roles.value_head is not None else roles.critic
+        self.policy, self.value_model, self.optimizer = self.accelerator.prepare(roles.policy, value_module, optimizer)
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
         self.update = 0  # updates done
@@ -331,22 +380,44 @@ class PPOTrainer:
         """bf16 autocast around the models' forward passes when `bf16` (mixed precision, like TRL's `bf16`)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
 
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` summed over the ranks (itself in one process)."""
+        return x if self.all_reduce is None else self.all_reduce(x)
+
+    def _row_mean(self, x: torch.Tensor) -> float:
+        """Mean of a per-sequence statistic (B,) over the global batch."""
+        if self.all_reduce is None:
+            return x.float().mean().item()
+        total, count = self.all_reduce(torch.tensor([x.double().sum().item(), len(x)], dtype=torch.float64,
+                                                    device=x.device)).tolist()
+        return total / count
+
     # -------------------------------------------------------------- phases
 
-    def generate(self, prompt_ids: list[list[int]]) -> tuple[list[Completion], RolloutBatch, dict]:
-        groups = self.engine.generate(prompt_ids, self.sampling)
-        completions = [c for group in groups for c in group]  # the n completions of a prompt adjacent
+    def generate(self, prompt_ids: list[list[int]], seeds: Optional[list[int]] = None
+                 ) -> tuple[list[Completion], RolloutBatch, dict]:
+        """This rank's completions (the n of a prompt adjacent) and their batch. `seeds`, one per prompt, sample
+        each prompt in its own generate call from its own seed: the same completions at any batch layout."""
+        if seeds is None:
+            groups = self.engine.generate(prompt_ids, self.sampling)
+        else:
+            groups = [group for ids, seed in zip(prompt_ids, seeds)
+                      for group in self.engine.generate([ids], dataclasses.replace(self.sampling, seed=seed))]
+        completions = [c for group in groups for c in group]
         batch, extra = collate(completions, pad_id=self.pad_id, stop_id=self.stop_id, device=self.device)
         return completions, batch, extra
 
     def score(self, completions: list[Completion], reward_fn: RewardFn, has_stop: torch.Tensor):
-        """Scores (B,) with the EOS penalty applied, the scores before it, and their metrics."""
+        """Scores (B,) with the EOS penalty applied, the scores before it, and their metrics (global batch)."""
         total, per_fn = reward_fn(completions)
         raw = torch.tensor(total, dtype=torch.float, device=self.device)
-        metrics = {"reward/mean": raw.mean().item(), "reward/std": raw.std().item() if len(raw) > 1 else 0.0}
+        every = self.accelerator.gather(raw)  # every rank's scores, in rank order (same count on each)
+        metrics = {"reward/mean": every.mean().item(), "reward/std": every.std().item() if len(every) > 1 else 0.0}
         for name, values in per_fn.items():
             kept = [v for v in values if v is not None]
-            metrics[f"reward/{name}/mean"] = sum(kept) / len(kept) if kept else float("nan")
+            summed, count = self._sum(torch.tensor([sum(kept), len(kept)], dtype=torch.float64,
+                                                   device=self.device)).tolist()
+            metrics[f"reward/{name}/mean"] = summed / count if count else float("nan")
         scores = raw
         if self.cfg.missing_eos_penalty is not None:  # checked against the configured stop id (checklist 1)
             scores = raw - self.cfg.missing_eos_penalty * (~has_stop).float()
@@ -355,7 +426,7 @@ class PPOTrainer:
     @torch.no_grad()
     def forward(self, batch: RolloutBatch) -> RolloutBatch:
         """Old log-probs recomputed by the trainer (so the first minibatch's ratio is 1), reference
-        log-probs and rollout values, in micro-batches, no grad."""
+        log-probs and rollout values, in micro-batches, no grad (the unwrapped models: no DDP bookkeeping)."""
         temperature, roles = self.sampling.temperature, self.roles
         old, ref, values = [], [], []
         for part in self._micro_batches(batch):
@@ -375,18 +446,20 @@ class PPOTrainer:
 
     @torch.no_grad()
     def advantages(self, batch: RolloutBatch, scores: torch.Tensor) -> tuple[RolloutBatch, dict]:
-        """Per-token rewards (score at the last valid token, -beta * KL), GAE, whitening."""
-        cfg, mask = self.cfg, batch.response_mask
+        """Per-token rewards (score at the last valid token, -beta * KL), GAE per sequence, whitening over the
+        global batch."""
+        cfg, mask, reduce = self.cfg, batch.response_mask, self.all_reduce
         kl = compute_kl(batch.old_logprobs, batch.ref_logprobs, cfg.kl_estimator, response_mask=mask)
         rewards = compute_token_rewards(scores, kl, mask, self.kl_ctl.kl_coef)
         if cfg.whiten_rewards:  # keep the mean: the sign of a reward survives
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=reduce)
         advantages, returns = compute_gae(rewards, batch.values, mask, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda)
-        metrics = {"kl/ref": kl.sum(-1).mean().item(), "kl/coef": self.kl_ctl.kl_coef,
-                   "adv/mean": masked_mean(advantages, mask).item(), "adv/std": _masked_std(advantages, mask),
-                   "value/explained_var": _explained_var(returns, batch.values, mask)}
+        metrics = {"kl/ref": self._row_mean(kl.sum(-1)), "kl/coef": self.kl_ctl.kl_coef,
+                   "adv/mean": masked_mean(advantages, mask, all_reduce=reduce).item(),
+                   "adv/std": _masked_std(advantages, mask, reduce),
+                   "value/explained_var": _explained_var(returns, batch.values, mask, reduce)}
         if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, all_reduce=reduce)
         return dataclasses.replace(batch, scores=scores, advantages=advantages, returns=returns), metrics
 
     def minibatch_loss(self, part: RolloutBatch, normalizer) -> tuple[torch.Tensor, dict]:
@@ -394,11 +467,14 @@ class PPOTrainer:
         minibatch's `normalizer`, so micro-batch losses (and gradients) sum to the minibatch's."""
         cfg, roles, mask = self.cfg, self.roles, part.response_mask
         warming = self.update < cfg.critic_warmup
+        # critic warm-up: the policy runs outside DDP, whose reducer would wait for policy gradients that never come
+        policy = roles.policy if warming else self.policy
+        value_head = self.value_model if roles.value_head is not None else None
         with self.autocast():
-            logprobs, entropy, values = policy_forward(roles.policy, part, self.sampling.temperature,
-                                                       value_head=roles.value_head, entropy=True, detach_trunk=warming)
+            logprobs, entropy, values = policy_forward(policy, part, self.sampling.temperature,
+                                                       value_head=value_head, entropy=True, detach_trunk=warming)
             if roles.critic is not None:
-                values = critic_forward(roles.critic, part)
+                values = critic_forward(self.value_model, part, score=roles.critic.score)
         per_token, metrics = ppo_clip_loss(logprobs, part.old_logprobs, part.advantages, mask,
                                               clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
                                               dual_clip=cfg.dual_clip)
@@ -418,12 +494,14 @@ class PPOTrainer:
         return loss, metrics
 
     def train(self, batch: RolloutBatch) -> dict:
-        """K epochs x M minibatches, a fresh permutation each epoch, one optimizer step per minibatch."""
+        """K epochs x M minibatches, a fresh permutation each epoch, one optimizer step per minibatch. Each rank
+        takes its minibatch from its own shard; DDP averages the gradients over the W ranks, so each micro-batch's
+        loss is normalised by the global minibatch's count / W (`aggregate_loss`)."""
         cfg, size = self.cfg, len(batch)
         if size != cfg.rollout_size:
             raise ValueError(f"the rollout holds {size} sequences; per_device_train_batch_size x "
                              f"gradient_accumulation_steps x num_mini_batches = {cfg.rollout_size}")
-        mb_size = size // cfg.num_mini_batches
+        mb_size, world = size // cfg.num_mini_batches, self.num_processes
         totals: dict[str, float] = {}
         for _ in range(cfg.num_ppo_epochs):
             order = torch.randperm(size).to(self.device)
@@ -431,28 +509,50 @@ class PPOTrainer:
                 minibatch = batch.select(order[m * mb_size:(m + 1) * mb_size])
                 normalizer = _normalizer(minibatch.response_mask, cfg.loss_agg_mode)
                 tokens = minibatch.response_mask.sum().clamp(min=1)
+                if world > 1:
+                    normalizer, tokens = self._sum(normalizer) / world, self._sum(tokens)
                 self.optimizer.zero_grad(set_to_none=True)
-                for part in self._micro_batches(minibatch):
-                    loss, metrics = self.minibatch_loss(part, normalizer)
-                    loss.backward()
+                parts = list(self._micro_batches(minibatch))
+                for i, part in enumerate(parts):
+                    with self._no_sync(last=i == len(parts) - 1):  # DDP: one gradient all-reduce per minibatch
+                        loss, metrics = self.minibatch_loss(part, normalizer)
+                        loss.backward()
                     share = part.response_mask.sum() / tokens  # rates: token-weighted; losses already add up
                     for key, value in metrics.items():
                         weight = 1.0 if key in ("policy/loss", "value/loss") else share
                         totals[key] = totals.get(key, 0.0) + (value * weight).item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.item()
                 self.optimizer.step()
         steps = cfg.num_ppo_epochs * cfg.num_mini_batches
+        if world > 1:  # rates add up over the ranks; each rank's loss share is W x its part; grad norms agree
+            summed = self._sum(torch.tensor(list(totals.values()), dtype=torch.float64, device=self.device)).tolist()
+            totals = {key: value / (world if key in ("policy/loss", "value/loss", "grad_norm") else 1)
+                      for key, value in zip(totals, summed)}
         return {key: value / steps for key, value in totals.items()}
 
-    def step(self, prompt_ids: list[list[int]], reward_fn: RewardFn) -> UpdateStats:
-        """One PPO update on `prompt_ids` (token ids per prompt; the engine draws n completions of each)."""
+    def _no_sync(self, last: bool):
+        """No DDP gradient all-reduce for a micro-batch that is not its minibatch's last."""
+        if last or self.num_processes == 1:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for model in (self.policy, self.value_model):
+            stack.enter_context(self.accelerator.no_sync(model))
+        return stack
+
+    def sync_weights(self) -> None:
+        """The engine takes the updated policy (all ranks hold the same weights after the DDP step)."""
+        self.engine.sync_weights(self.roles.policy)
+
+    def step(self, prompt_ids: list[list[int]], reward_fn: RewardFn, seeds: Optional[list[int]] = None) -> UpdateStats:
+        """One PPO update on `prompt_ids` (this rank's prompts, as token ids; the engine draws n completions of
+        each; `seeds` as in `generate`)."""
         timings: dict[str, float] = {}
         timed = functools.partial(_timed, timings)
         with timed("step"):
             lr = self.scheduler.get_last_lr()[0]
             with timed("generate"):
-                completions, batch, extra = self.generate(prompt_ids)
+                completions, batch, extra = self.generate(prompt_ids, seeds)
             with timed("score"):
                 scores, raw_scores, metrics = self.score(completions, reward_fn, extra["has_stop"])
             with timed("forward"):
@@ -463,15 +563,17 @@ class PPOTrainer:
                 train_metrics = self.train(batch)
             self.scheduler.step()
             with timed("sync"):
-                self.engine.sync_weights(self.roles.policy)
-            self.kl_ctl.update(adv_metrics["kl/ref"], len(batch))
+                self.sync_weights()
+            self.kl_ctl.update(adv_metrics["kl/ref"], len(batch) * self.num_processes)
         self.update += 1
         mask, lengths = batch.response_mask, batch.response_mask.sum(-1).float()
+        tokens = self._sum(torch.tensor(float(sum(len(c.completion_ids) for c in completions)), device=self.device)).item()
         metrics |= adv_metrics | train_metrics | {
-            "response/length_mean": lengths.mean().item(),
-            "response/truncated_frac": (~extra["has_stop"]).float().mean().item(),
-            "rollout/logprob_diff": masked_mean((extra["engine_logprobs"] - batch.old_logprobs).abs(), mask).item(),
-            "rollout/tokens_per_sec": sum(len(c.completion_ids) for c in completions) / max(timings["generate"], 1e-9),
+            "response/length_mean": self._row_mean(lengths),
+            "response/truncated_frac": self._row_mean((~extra["has_stop"]).float()),
+            "rollout/logprob_diff": masked_mean((extra["engine_logprobs"] - batch.old_logprobs).abs(), mask,
+                                                all_reduce=self.all_reduce).item(),
+            "rollout/tokens_per_sec": tokens / max(timings["generate"], 1e-9),  # every rank's, over this rank's time
             "learning_rate": lr,
         } | {f"timing/{phase}": seconds for phase, seconds in timings.items()}
         return UpdateStats(metrics=metrics, sample=completions[0], sample_score=float(raw_scores[0]))
@@ -486,29 +588,32 @@ class PPOTrainer:
 
     def save(self, folder: Path) -> None:
         """policy/ (adapter or full weights, HF format), value_head.safetensors or critic/, state.pt
-        (optimizer, scheduler, update count, KL coefficient, RNG states: tensors and plain data only, so
-        `load` reads it with `weights_only=True`), written to a temporary folder, then renamed."""
+        (optimizer, scheduler, update count, KL coefficient, every rank's RNG states: tensors and plain data only,
+        so `load` reads it with `weights_only=True`), written by the main process to a temporary folder, then
+        renamed. Every rank calls it (the RNG states are gathered); it returns once the folder is complete."""
+        from accelerate.utils import gather_object
         from safetensors.torch import save_file
 
-        tmp = folder.with_name("tmp-" + folder.name)
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.roles.policy.save_pretrained(tmp / "policy")
-        if self.roles.value_head is not None:
-            save_file(self.roles.value_head.state_dict(), tmp / "value_head.safetensors")
-        else:
-            self.roles.critic.save_pretrained(tmp / "critic")
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        rng = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-               "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save({"update": self.update, "optimizer": self.optimizer.state_dict(), "rng": rng,
-                    "scheduler": self.scheduler.state_dict(), "kl_coef": self.kl_ctl.kl_coef}, tmp / "state.pt")
-        (tmp / CHECKPOINT_STATE).write_text(json.dumps({"global_step": self.update}))  # last: the folder is complete
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        rng = gather_object([_rng_state()])  # one per rank, in rank order (DDP keeps the rest equal on all ranks)
+        if self.accelerator.is_main_process:
+            tmp = folder.with_name("tmp-" + folder.name)
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.roles.policy.save_pretrained(tmp / "policy")
+            if self.roles.value_head is not None:
+                save_file(self.roles.value_head.state_dict(), tmp / "value_head.safetensors")
+            else:
+                self.roles.critic.save_pretrained(tmp / "critic")
+            torch.save({"update": self.update, "optimizer": self.optimizer.state_dict(), "rng": rng,
+                        "scheduler": self.scheduler.state_dict(), "kl_coef": self.kl_ctl.kl_coef}, tmp / "state.pt")
+            (tmp / CHECKPOINT_STATE).write_text(json.dumps({"global_step": self.update}))  # last: the folder is complete
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        self.accelerator.wait_for_everyone()
 
     def load(self, folder: Path) -> None:
-        """Restore what `save` wrote; push the restored policy into the engine.
+        """Restore what `save` wrote (every rank reads the same folder); push the restored policy into the engine.
+        A rank the checkpoint has no RNG state for (more processes than it was saved with) reseeds from
+        `cfg.seed`, its rank and the update.
 
         Nothing here can run code from the folder: weights come from safetensors, `state.pt` is read
         with `weights_only=True` (tensors, numbers, strings, lists, tuples, dicts).
@@ -533,13 +638,35 @@ class PPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.update, self.kl_ctl.kl_coef = state["update"], state["kl_coef"]
-        random.setstate(state["rng"]["python"])
-        name, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.engine.sync_weights(self.roles.policy)
+        rank = self.accelerator.process_index
+        if rank < len(state["rng"]):
+            _set_rng_state(state["rng"][rank])
+        else:
+            _seed_everything((self.cfg.seed or 0) + rank * RANK_SEED_STRIDE + self.update)
+        self.sync_weights()
+
+
+def _rng_state() -> dict:
+    """This process's python, numpy, torch (and CUDA) RNG states, as tensors and plain data."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(rng: dict) -> None:
+    random.setstate(rng["python"])
+    name, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _normalizer(mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -547,15 +674,16 @@ def _normalizer(mask: torch.Tensor, mode: str) -> torch.Tensor:
     return mask.sum().clamp(min=1) if mode == "token-mean" else (mask.sum(-1) > 0).sum().clamp(min=1)
 
 
-def _masked_std(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return masked_var(x, mask).sqrt().item() if mask.sum() > 1 else 0.0
+def _masked_std(x: torch.Tensor, mask: torch.Tensor, all_reduce: Optional[AllReduce] = None) -> float:
+    return masked_var(x, mask, all_reduce=all_reduce).sqrt().item() if masked_count(mask, all_reduce=all_reduce) > 1 else 0.0
 
 
-def _explained_var(returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> float:
-    if mask.sum() < 2:
+def _explained_var(returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                   all_reduce: Optional[AllReduce] = None) -> float:
+    if masked_count(mask, all_reduce=all_reduce) < 2:
         return float("nan")
-    var = masked_var(returns, mask)
-    return (1 - masked_var(returns - values, mask) / var).item() if var > 0 else float("nan")
+    var = masked_var(returns, mask, all_reduce=all_reduce)
+    return (1 - masked_var(returns - values, mask, all_reduce=all_reduce) / var).item() if var > 0 else float("nan")
 
 
 @contextlib.contextmanager
@@ -586,11 +714,11 @@ def _load_weights(model: torch.nn.Module, folder: Path) -> None:
 # ---------------------------------------------------------------------------------------------- the stage
 
 
-def _setup_roles(ctx: StageContext, cfg: PPOConfig) -> Roles:
-    """Policy (+ LoRA/QLoRA), reference (the adapter disabled, or a frozen copy), value head or critic."""
+def _setup_roles(ctx: StageContext, cfg: PPOConfig, device: torch.device) -> Roles:
+    """Policy (+ LoRA/QLoRA), reference (the adapter disabled, or a frozen copy), value head or critic, on
+    `device` (this rank's)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     quantized, checkpointing = ctx.model_cfg.quantization is not None, ctx.model_cfg.gradient_checkpointing
 
     def place(model):
@@ -679,66 +807,105 @@ def _defaults(recipe, name):
 
 @stage("ppo", config=lambda: PPOConfig, formats=("prompt",), check=_check, defaults=_defaults, generates=True)
 def run(ctx: StageContext) -> StageResult:
+    from accelerate import DistributedType
+
     from alignment.rollout import encode_prompts
 
     cfg, rollout = PPOConfig(**ctx.args), ctx.rollout
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise RuntimeError("the ppo stage runs in one process; set launch.num_processes: 1 for it")
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    accelerator = new_accelerator()
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        raise RuntimeError(f"ppo runs on one process or under DDP; {accelerator.distributed_type.value} (FSDP, "
+                           f"DeepSpeed) is not supported for it yet: use an accelerate config without sharding")
+    if world > 1 and rollout.backend != "hf":
+        raise RuntimeError(_MULTI_PROCESS_BACKEND.format(rollout.backend))
+    # a stream per rank (checklist 0), rank 0's the seed's own; the trained weights start equal on every rank all
+    # the same (a LoRA adapter's random init included): DDP broadcasts rank 0's when it wraps them
+    _seed_everything(cfg.seed + rank * RANK_SEED_STRIDE)
 
     tokenizer, dataset = ctx.tokenizer(), ctx.dataset()
-    cfg = dataclasses.replace(cfg, max_steps=cfg.num_updates(len(dataset), rollout.num_generations))
-    ctx.trainer_config = dataclasses.asdict(cfg)
-    prompts_per_update = cfg.rollout_size // rollout.num_generations
+    cfg = dataclasses.replace(cfg, max_steps=cfg.num_updates(len(dataset), rollout.num_generations, world))
+    ctx.trainer_config = dataclasses.asdict(cfg) | {"num_processes": world}
+    prompts_per_rank = cfg.rollout_size // rollout.num_generations
     save_steps = cfg.save_steps or max(1, cfg.max_steps // 5)
     funcs, weights = ctx.reward_functions()
-    roles = _setup_roles(ctx, cfg)
+    roles = _setup_roles(ctx, cfg, accelerator.device)
     stop_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id not in (None, stop_id) else int(stop_id == 0)
     policy = roles.policy
     engine = ctx.rollout_engine(policy, tokenizer, seed=cfg.seed)
     sampling = SamplingConfig(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                               top_p=1.0, top_k=0, n=rollout.num_generations)
-    trainer = PPOTrainer(roles, engine, cfg, sampling, stop_id=stop_id, pad_id=pad_id)
+    trainer = PPOTrainer(roles, engine, cfg, sampling, stop_id=stop_id, pad_id=pad_id, accelerator=accelerator)
     resume = ctx.last_checkpoint()
     if resume:
-        print(f"alignkit: resuming {ctx.name} from {Path(resume).name}", flush=True)
-        trainer.load(Path(resume))
-        ctx.rundir.truncate_metrics(ctx.name, trainer.update)
+        if main:
+            print(f"alignkit: resuming {ctx.name} from {Path(resume).name}", flush=True)
+        trainer.load(Path(resume))  # every rank, from the same folder
+        if main:
+            ctx.rundir.truncate_metrics(ctx.name, trainer.update)
 
-    progress, started, stats = ctx.progress(cfg.max_steps, trainer.update), time.time(), None
+    progress = ctx.progress(cfg.max_steps, trainer.update) if main else None
+    started, stats = time.time(), None
     try:
         while trainer.update < cfg.max_steps:
-            rows = prompt_rows(dataset, trainer.update, prompts_per_update, cfg.seed)
+            # the update's prompts are the same on every rank; each takes its contiguous share
+            first = trainer.update * prompts_per_rank * world
+            rows = prompt_rows(dataset, trainer.update, prompts_per_rank * world, cfg.seed)[
+                rank * prompts_per_rank:(rank + 1) * prompts_per_rank]
+            seeds = None
+            if cfg.rollout_seed_per_prompt:
+                seeds = [cfg.seed * PROMPT_SEED_STRIDE + first + rank * prompts_per_rank + i for i in range(len(rows))]
             stats = trainer.step(encode_prompts(tokenizer, [r["prompt"] for r in rows]),
-                                 _reward_fn(funcs, weights, rows, rollout.num_generations))
+                                 _reward_fn(funcs, weights, rows, rollout.num_generations), seeds)
             step = trainer.update
             if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-                ctx.log_metrics(step, stats.metrics)
-            progress.update(step, stats.metrics)
-            if step % cfg.sample_steps == 0 or step == 1:
-                cut = "" if stats.sample.finish_reason == "stop" else ", no EOS"
-                progress.print(f"  sample at update {step} (reward {stats.sample_score:.3f}{cut}): "
-                               f"{_prompt_text(rows[0]['prompt'])!r} -> {stats.sample.text!r}")
+                _sum_missing_over_ranks(trainer, funcs)
+                if main:
+                    ctx.log_metrics(step, stats.metrics)
+            if main:
+                progress.update(step, stats.metrics)
+                if step % cfg.sample_steps == 0 or step == 1:
+                    cut = "" if stats.sample.finish_reason == "stop" else ", no EOS"
+                    progress.print(f"  sample at update {step} (reward {stats.sample_score:.3f}{cut}): "
+                                   f"{_prompt_text(rows[0]['prompt'])!r} -> {stats.sample.text!r}")
             if step % save_steps == 0 and step < cfg.max_steps:
                 _save_checkpoint(ctx, trainer, step, cfg.save_total_limit)
     finally:
-        progress.stop()
+        if progress is not None:
+            progress.stop()
         engine.close()
 
-    ctx.save_model(policy, tokenizer)
+    if main:
+        ctx.save_model(policy, tokenizer)
+    accelerator.wait_for_everyone()
     final = {k: stats.metrics[k] for k in ("reward/mean", "kl/ref", "value/explained_var")} if stats else {}
     return StageResult(metrics={**final, **reward_trend(ctx.rundir.read_metrics(ctx.name)), "updates": trainer.update,
                                 "train_runtime": round(time.time() - started, 1)},
                        info={"rollout_backend": engine.name})
 
 
+def _sum_missing_over_ranks(trainer: PPOTrainer, funcs) -> None:
+    """Every rank's count of lost scores (`reward/<fn>/missing`, logged by the main process) into the main
+    process's reward functions; the other ranks' counts restart at 0."""
+    from rewards import BoundReward
+
+    bound = [fn for fn in funcs if isinstance(fn, BoundReward)]
+    if trainer.num_processes == 1 or not bound:
+        return
+    counts = trainer._sum(torch.tensor([float(fn.missing) for fn in bound], device=trainer.device)).tolist()
+    for fn, count in zip(bound, counts):
+        fn.missing = int(count) if trainer.accelerator.is_main_process else 0
+
+
 def _save_checkpoint(ctx: StageContext, trainer: PPOTrainer, step: int, keep: int) -> None:
-    """checkpoint-<update>, keeping the newest `keep`; then `ctx.fault_hook`."""
-    ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    """checkpoint-<update>, keeping the newest `keep` (every rank joins; the main process writes); then
+    `ctx.fault_hook`."""
+    main = trainer.accelerator.is_main_process
+    if main:
+        ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     trainer.save(ctx.rundir.checkpoint(ctx.name, step))
-    for old in ctx.rundir.checkpoints(ctx.name)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if main:
+        for old in ctx.rundir.checkpoints(ctx.name)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     ctx.fault_hook(step)
