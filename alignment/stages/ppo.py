@@ -243,7 +243,9 @@ def _model_inputs(batch: RolloutBatch) -> dict:
 
 
 def _lm_head(model):
-    """hidden (N, H) -> logits (N, V) as the model's forward makes them (Gemma's logit soft-capping included)."""
+    """hidden (N, H) -> logits (N, V) as the model's forward makes them (Gemma's logit soft-capping included).
+    `model` may be the DDP wrapper `accelerator.prepare` returns: the head is read from the module inside."""
+    model = getattr(model, "module", model)
     head, cap = model.get_output_embeddings(), getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     return head if cap is None else (lambda hidden: cap * torch.tanh(head(hidden) / cap))
 
