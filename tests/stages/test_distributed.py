@@ -1,0 +1,196 @@
+"""Stages past one process, on CPU: `launch: {num_processes: 2}` runs a stage as two gloo ranks under
+`torch.distributed.run`. With the same global batch (per_device_train_batch_size x processes x
+gradient_accumulation_steps) two processes give the one-process loss curve; rank 0 alone writes the artifact,
+result.json and one metrics line per step; kill -9 of one rank, then a rerun, resumes and finishes; two
+orchestrators acting as two machines (loopback) finish a stage with one artifact and one manifest.
+
+Each two-process run is a few steps of the tiny model: this 2-core machine runs CI.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignment.pipeline import Machines, Pipeline
+from alignment.validate import load_recipe
+from tests.helpers import losses, manifest, metrics, pair_rows, run_cli, write_jsonl, write_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+# float32 on CPU: the 1-process and 2-process runs sum the same per-token losses in another order (gloo's
+# all-reduce vs gradient accumulation), so the curves agree to rounding -- measured ~1e-6 relative.
+LOSS_RTOL = 1e-4
+
+
+def two_ways(tmp_path, model_path, stages_for, *, data=None, env=None) -> tuple[Path, Path]:
+    """Run the recipe once as 1 process (`stages_for(1)`) and once as 2 (`stages_for(2)`); their run dirs."""
+    out = []
+    for n in (1, 2):
+        folder = tmp_path / f"n{n}"
+        if data is not None:
+            for name, rows in data.items():
+                write_jsonl(folder / f"{name}.jsonl", rows)
+        recipe = write_recipe(folder, model_path, stages_for(n),
+                              data={k: {"path": f"{k}.jsonl"} for k in data} if data else None,
+                              **({"launch": {"num_processes": 2}} if n == 2 else {}))
+        res = run_cli(recipe, "--run-dir", folder / "runs", env=env)
+        assert res.exit_code == 0, res.output
+        out.append(folder / "runs" / "t")
+    return out[0], out[1]
+
+
+def assert_one_writer(run_dir: Path, stage: str, steps: int) -> None:
+    """One artifact, one result with world size 2, one metrics line per step."""
+    assert (run_dir / stage / "model" / "model.safetensors").exists()
+    assert not list((run_dir / stage).glob("model.tmp*"))
+    assert manifest(run_dir, stage)["info"]["world_size"] == 2
+    assert [row["step"] for row in metrics(run_dir, stage) if "loss" in row] == list(range(1, steps + 1))
+
+
+# ---------------------------------------------------------------- the launcher, without launching
+
+
+def pipeline(tmp_path, model_path, launch: dict | None, machines: Machines = Machines()) -> Pipeline:
+    recipe = write_recipe(tmp_path, model_path, {"sft": {"method": "sft", "data": ["sft"]}},
+                          **({"launch": launch} if launch else {}))
+    return Pipeline(load_recipe(recipe), tmp_path / "runs", machines=machines)
+
+
+def command(tmp_path, model_path, launch: dict | None, machines: Machines = Machines()) -> list[str]:
+    return pipeline(tmp_path, model_path, launch, machines).command("sft")
+
+
+def test_the_launcher_follows_the_recipe_and_the_machines(tmp_path, tiny_model_path, monkeypatch):
+    entry = ["-m", "alignment.stage", str(tmp_path / "runs" / "t"), "sft"]
+    assert command(tmp_path, tiny_model_path, None) == [sys.executable, *entry]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    assert command(tmp_path, tiny_model_path, {"num_processes": 2}) == [*torchrun, "--standalone", *entry]
+    two = Machines(num=2, rank=1, main_ip="10.0.0.1", main_port=29600)
+    assert command(tmp_path, tiny_model_path, {"num_processes": 2}, two) == [
+        *torchrun, "--nnodes", "2", "--node_rank", "1", "--master_addr", "10.0.0.1", "--master_port", "29600", *entry]
+    config = REPO / "recipes" / "accelerate" / "zero3.yaml"
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    assert command(tmp_path, tiny_model_path, {"accelerate_config": str(config), "num_processes": 8}, two) == [
+        *accelerate, "--num_processes", "16", "--num_machines", "2", "--machine_rank", "1",
+        "--main_process_ip", "10.0.0.1", "--main_process_port", "29600", *entry]
+    gpus = pipeline(tmp_path, tiny_model_path, {"num_processes": 8})
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # GPUs without a config file: DDP
+    assert gpus.command("sft") == [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "8", "--multi_gpu", *entry]
+
+
+def test_machines_come_from_the_flags_or_slurm():
+    slurm = {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    assert Machines.from_env(slurm) == Machines(2, 1, "gpu07", 29500)
+    assert Machines.from_env(slurm, rank=0, main_ip="h0", main_port=1234) == Machines(2, 0, "h0", 1234)
+    assert Machines.from_env({}) == Machines()
+    with pytest.raises(ValueError, match="--main-process-ip"):
+        Machines.from_env({}, num=2, rank=1)
+    with pytest.raises(ValueError, match="outside 0..1"):
+        Machines.from_env({}, num=2, rank=2, main_ip="h0")
+
+
+# ---------------------------------------------------------------- equivalence, one writer, resume
+
+
+def test_sft_on_two_processes_matches_one_and_a_killed_rank_resumes(tmp_path, tiny_model_path):
+    """Global batch 8 both ways: 1 process x 4 rows x 2 accumulation steps, 2 processes x 4 rows x 1. The
+    2-process run loses rank 1 (kill -9) right after checkpoint-2; the rerun resumes from it."""
+    def sft(n):
+        return {"sft": {"method": "sft", "data": ["sft"], "args": {
+            "learning_rate": 3.0e-3, "max_steps": 4, "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 2 // n, "save_steps": 2}}}
+
+    one = tmp_path / "n1"
+    res = run_cli(write_recipe(one, tiny_model_path, sft(1)), "--run-dir", one / "runs")
+    assert res.exit_code == 0, res.output
+    two = tmp_path / "n2"
+    recipe = write_recipe(two, tiny_model_path, sft(2), launch={"num_processes": 2})
+    res = run_cli(recipe, "--run-dir", two / "runs", env={"ALIGNKIT_FAULT_KILL_AFTER_SAVE": "2", "ALIGNKIT_FAULT_RANK": "1"})
+    assert res.exit_code == 1 and "failed" in res.output, res.output
+    run_dir = two / "runs" / "t"
+    assert manifest(run_dir, "sft")["status"] == "failed" and not (run_dir / "sft" / "model").exists()
+    res = run_cli(recipe, "--run-dir", two / "runs")
+    assert res.exit_code == 0, res.output
+    assert "resuming sft" in res.output and manifest(run_dir, "sft")["resumed"] is True
+    assert_one_writer(run_dir, "sft", 4)
+    assert losses(run_dir, "sft") == pytest.approx(losses(one / "runs" / "t", "sft"), rel=LOSS_RTOL)
+
+
+def test_dpo_on_two_processes_matches_one(tmp_path, tiny_model_path):
+    def dpo(n):
+        return {"dpo": {"method": "dpo", "data": ["pairs"], "args": {
+            "learning_rate": 1.0e-3, "max_steps": 3, "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 2 // n, "beta": 0.1}}}
+
+    one, two = two_ways(tmp_path, tiny_model_path, dpo, data={"pairs": pair_rows(32)})
+    assert_one_writer(two, "dpo", 3)
+    assert losses(two, "dpo") == pytest.approx(losses(one, "dpo"), rel=LOSS_RTOL)
+    assert metrics(two, "dpo")[-1]["rewards/margins"] == pytest.approx(metrics(one, "dpo")[-1]["rewards/margins"], rel=1e-3, abs=1e-6)
+
+
+def sevens(prompts, completions, **columns):
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [t.count("7") / max(len(t), 1) for t in texts]
+
+
+def test_grpo_on_two_processes_keeps_the_global_batch(tmp_path, tiny_model_path):
+    """Global batch 8 completions (2 prompts x 4) per step both ways. Each rank samples with its own seed (TRL
+    seeds generation per device), so completions -- and with them rewards and losses -- differ from the
+    1-process run by sampling noise: the tokens trained on per step must match exactly (all 8 completions run
+    to max_new_tokens on the random model), the mean reward within 0.1 and each step's loss within 0.05."""
+    def grpo(n):
+        return {"grpo": {
+            "method": "grpo", "data": ["prompts"], "rewards": [{"name": "tests.stages.test_distributed.sevens"}],
+            "rollout": {"backend": "hf", "num_generations": 4, "max_new_tokens": 6, "temperature": 1.0},
+            "args": {"learning_rate": 1.0e-3, "max_steps": 3, "per_device_train_batch_size": 8 // n, "beta": 0.0}}}
+
+    prompts = [{"prompt": [{"role": "user", "content": f"say {i}"}]} for i in range(16)]
+    one, two = two_ways(tmp_path, tiny_model_path, grpo, data={"prompts": prompts})
+    assert_one_writer(two, "grpo", 3)
+    rows1, rows2 = metrics(one, "grpo"), metrics(two, "grpo")
+    assert [r["num_tokens"] for r in rows2] == [r["num_tokens"] for r in rows1]
+    mean = lambda rows: sum(r["reward/mean"] for r in rows) / len(rows)  # noqa: E731
+    assert abs(mean(rows2) - mean(rows1)) < 0.1, (rows1, rows2)
+    assert losses(two, "grpo") == pytest.approx(losses(one, "grpo"), abs=0.05)
+
+
+# ---------------------------------------------------------------- two machines on loopback
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_on_loopback_finish_a_stage_with_one_artifact_and_one_manifest(tmp_path, tiny_model_path):
+    sft = {"method": "sft", "data": ["sft"], "args": {"learning_rate": 3.0e-3, "max_steps": 3, "per_device_train_batch_size": 4}}
+    recipe = write_recipe(tmp_path, tiny_model_path, {"sft": sft}, launch={"num_processes": 1})
+    port = str(free_port())
+    machines = []
+    for rank in (1, 0):  # the follower first: it waits for machine 0 to write the recipe
+        command = [sys.executable, "-m", "alignment.cli", "run", str(recipe), "--run-dir", str(tmp_path / "runs"),
+                   "--num-machines", "2", "--machine-rank", str(rank), "--main-process-ip", "127.0.0.1",
+                   "--main-process-port", port]
+        machines.append(subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [m.communicate(timeout=600)[0] for m in machines]
+    finally:
+        for m in machines:
+            m.kill()
+    assert [m.returncode for m in machines] == [0, 0], outs
+    run_dir = tmp_path / "runs" / "t"
+    assert "machine 1 of 2" in outs[0] and "ran (machine 1)" in outs[0]
+    man = manifest(run_dir, "sft")
+    assert man["status"] == "done" and man["info"]["world_size"] == 2
+    assert sorted(p.name for p in run_dir.glob("*/manifest.json")) == ["manifest.json"]
+    assert [row["step"] for row in metrics(run_dir, "sft") if "loss" in row] == [1, 2, 3]
+    assert json.loads((run_dir / "sft" / "model" / "alignkit_model.json").read_text())["kind"] == "full"
