@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,30 @@ def test_grpo_on_two_processes_keeps_the_global_batch(tmp_path, tiny_model_path)
     assert losses(two, "grpo") == pytest.approx(losses(one, "grpo"), abs=0.05)
 
 
+def test_killed_orchestrator_leaves_no_rank_alive(tmp_path, tiny_model_path):
+    """torch.distributed.run starts each rank in a session of its own; each rank watches its launcher, so
+    `kill -9` of `alignkit run` (whose watchdog kills the launcher) takes every rank along."""
+    from tests.stages.test_process_lifetime import cmdline, logged_steps, wait_for, wait_gone
+
+    sft = {"method": "sft", "data": ["sft"], "args": {"max_steps": 1000, "per_device_train_batch_size": 2, "save_steps": 1000}}
+    recipe = write_recipe(tmp_path, tiny_model_path, {"sft": sft}, launch={"num_processes": 2})
+    run_dir = tmp_path / "runs" / "t"
+    with open(tmp_path / "run.log", "wb") as log:
+        orchestrator = subprocess.Popen([sys.executable, "-m", "alignment.cli", "run", str(recipe), "--run-dir", str(tmp_path / "runs")],
+                                        env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: logged_steps(run_dir), 300, "a logged step")
+        ranks = [int(p) for p in filter(str.isdigit, os.listdir("/proc"))
+                 if "-u -m alignment.stage" in cmdline(int(p)) and str(run_dir) in cmdline(int(p))]
+        assert len(ranks) == 2, (tmp_path / "run.log").read_text()
+        orchestrator.kill()
+        orchestrator.wait()
+        assert wait_gone(ranks, timeout=5) == [], "a rank outlived its orchestrator"
+    finally:
+        orchestrator.kill()
+        orchestrator.wait()
+
+
 # ---------------------------------------------------------------- two machines on loopback
 
 
@@ -180,12 +205,15 @@ def test_two_machines_on_loopback_finish_a_stage_with_one_artifact_and_one_manif
         command = [sys.executable, "-m", "alignment.cli", "run", str(recipe), "--run-dir", str(tmp_path / "runs"),
                    "--num-machines", "2", "--machine-rank", str(rank), "--main-process-ip", "127.0.0.1",
                    "--main-process-port", port]
-        machines.append(subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        with open(tmp_path / f"machine{rank}.log", "wb") as log:  # files, not pipes: neither may block on output
+            machines.append(subprocess.Popen(command, env=ENV, stdout=log, stderr=subprocess.STDOUT))
     try:
-        outs = [m.communicate(timeout=600)[0] for m in machines]
+        for m in machines:
+            m.wait(timeout=600)
     finally:
         for m in machines:
             m.kill()
+    outs = [(tmp_path / f"machine{rank}.log").read_text() for rank in (1, 0)]
     assert [m.returncode for m in machines] == [0, 0], outs
     run_dir = tmp_path / "runs" / "t"
     assert "machine 1 of 2" in outs[0] and "ran (machine 1)" in outs[0]
@@ -194,3 +222,74 @@ def test_two_machines_on_loopback_finish_a_stage_with_one_artifact_and_one_manif
     assert sorted(p.name for p in run_dir.glob("*/manifest.json")) == ["manifest.json"]
     assert [row["step"] for row in metrics(run_dir, "sft") if "loss" in row] == [1, 2, 3]
     assert json.loads((run_dir / "sft" / "model" / "alignkit_model.json").read_text())["kind"] == "full"
+
+
+# ---------------------------------------------------------------- accelerate config files
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "recipes" / "accelerate").glob("*.yaml")))
+def test_shipped_accelerate_configs_load_and_validate(tmp_path, tiny_model_path, config):
+    """DDP, FSDP2 (+QLoRA) and DeepSpeed ZeRO-2/3 parse as `accelerate launch --config_file` parses them
+    (DeepSpeed need not be installed), as a recipe's launch and as a stage's."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = REPO / "recipes" / "accelerate" / config
+    ClusterConfig.from_yaml_file(str(path))
+    recipe = write_recipe(tmp_path, tiny_model_path, {"sft": {"method": "sft", "data": ["sft"], "launch": {"accelerate_config": str(path)}}},
+                          launch={"accelerate_config": str(path), "num_processes": 2})
+    loaded = load_recipe(recipe)
+    assert loaded.stage_launch("sft").accelerate_config == str(path)
+
+
+def test_validate_names_the_accelerate_config_file_and_line(tmp_path, tiny_model_path):
+    from typer.testing import CliRunner
+
+    from alignment.cli import app
+
+    (tmp_path / "accel.yaml").write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
+                                         "deepspeed_config:\n  zero_stag: 3\nnum_proceses: 8\n")
+    recipe = write_recipe(tmp_path, tiny_model_path, {"sft": {"method": "sft", "data": ["sft"], "launch": {"accelerate_config": "missing.yaml"}}},
+                          launch={"accelerate_config": "accel.yaml"})
+    res = CliRunner().invoke(app, ["validate", str(recipe)])
+    assert res.exit_code == 2, res.output
+    out = " ".join(res.output.split())
+    assert f"{recipe}:" in out and "launch.accelerate_config" in out
+    assert f"{tmp_path / 'accel.yaml'}:4: unknown deepspeed_config key 'zero_stag' (did you mean 'zero_stage'?)" in out
+    assert f"{tmp_path / 'accel.yaml'}:5: unknown accelerate config key 'num_proceses'" in out
+    assert "stages.sft.launch.accelerate_config" in out and f"{tmp_path / 'missing.yaml'} does not exist" in out
+
+
+# ---------------------------------------------------------------- a shared vllm-server
+
+
+def test_a_shared_vllm_server_gets_weights_from_rank_0_only(tmp_path):
+    """`rollout.url` (one server for every rank): rank 0 pushes after each update, the others wait at the
+    barrier. Two gloo ranks, the push recorded instead of sent (the HTTP side is tests/stages/test_rollout.py's)."""
+    script = tmp_path / "ranks.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, time
+        from pathlib import Path
+        import torch, torch.distributed as dist
+        from alignment.rollout import VLLMServerEngine
+
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        engine = VLLMServerEngine.__new__(VLLMServerEngine)  # as if given by url: no server process of ours
+        engine.process = None
+        pushes = Path({str(tmp_path)!r}) / f"pushes-{{rank}}"
+        def push(model):
+            time.sleep(0.5)  # a slow push: rank 1 must still be waiting when it ends
+            pushes.open("a").write(f"{{time.time()}}\\n")
+        engine._push_weights = push
+        for _ in range(2):
+            engine.sync_weights(torch.nn.Linear(2, 2))
+            Path({str(tmp_path)!r}, f"after-{{rank}}").open("a").write(f"{{time.time()}}\\n")
+        dist.destroy_process_group()
+    """))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert not (tmp_path / "pushes-1").exists()
+    pushed = [float(t) for t in (tmp_path / "pushes-0").read_text().split()]
+    waited = [float(t) for t in (tmp_path / "after-1").read_text().split()]
+    assert len(pushed) == 2 and all(w >= p for p, w in zip(pushed, waited))  # rank 1 went on only after each push
