@@ -32,7 +32,7 @@ LOSS_RTOL = 1e-4
 
 def two_ways(tmp_path, model_path, stages_for, *, data=None) -> tuple[Path, Path]:
     """Run the recipe once as 1 process (`stages_for(1)`) and once as 2 (`stages_for(2)`); their run dirs.
-    Each run's `sevens` reward records the prompts it scores in `nN/prompts.jsonl`."""
+    Each run's `sevens` reward records the prompts it scores in `nN/scored.jsonl`."""
     out = []
     for n in (1, 2):
         folder = tmp_path / f"n{n}"
@@ -42,7 +42,7 @@ def two_ways(tmp_path, model_path, stages_for, *, data=None) -> tuple[Path, Path
         recipe = write_recipe(folder, model_path, stages_for(n),
                               data={k: {"path": f"{k}.jsonl"} for k in data} if data else None,
                               **({"launch": {"num_processes": 2}} if n == 2 else {}))
-        res = run_cli(recipe, "--run-dir", folder / "runs", env={"ALIGNKIT_TEST_PROMPT_LOG": str(folder / "prompts.jsonl")})
+        res = run_cli(recipe, "--run-dir", folder / "runs", env={"ALIGNKIT_TEST_PROMPT_LOG": str(folder / "scored.jsonl")})
         assert res.exit_code == 0, res.output
         out.append(folder / "runs" / "t")
     return out[0], out[1]
@@ -167,9 +167,10 @@ def sevens(prompts, completions, trainer_state=None, **columns):
 
 def test_grpo_on_two_processes_keeps_the_global_batch(tmp_path, tiny_model_path):
     """Global batch 8 completions (2 prompts x 4) per step both ways: each step scores the same prompts, split
-    over the ranks. Each rank samples with its own seed (TRL seeds generation per device), so completions -- and
-    with them rewards and losses -- differ from the 1-process run by sampling noise: the mean reward over the
-    run agrees within 0.1 and each step's loss within 0.05."""
+    over the ranks -- the exact check. Each rank samples with its own seed (TRL seeds generation per device), so
+    completions, rewards and losses differ from the 1-process run by sampling noise: the mean reward over the
+    run agrees within 0.1 and each step's loss within 0.05 (a weak check: on-policy GRPO's loss is near 0
+    whenever a group's completions have equal lengths)."""
     from collections import Counter
 
     def grpo(n):
@@ -181,12 +182,11 @@ def test_grpo_on_two_processes_keeps_the_global_batch(tmp_path, tiny_model_path)
     prompts = [{"prompt": [{"role": "user", "content": f"say {i}"}]} for i in range(16)]
     one, two = two_ways(tmp_path, tiny_model_path, grpo, data={"prompts": prompts})
     assert_one_writer(two, "grpo", 3)
-    scored = [Counter(tuple(json.loads(line)) for line in (tmp_path / f"n{n}" / "prompts.jsonl").read_text().splitlines())
+    scored = [Counter(tuple(json.loads(line)) for line in (tmp_path / f"n{n}" / "scored.jsonl").read_text().splitlines())
               for n in (1, 2)]
     assert scored[0] == scored[1] and sum(scored[0].values()) == 3 * 8, scored
-    rows1, rows2 = metrics(one, "grpo"), metrics(two, "grpo")
-    mean = lambda rows: sum(r["reward/mean"] for r in rows) / len(rows)  # noqa: E731
-    assert abs(mean(rows2) - mean(rows1)) < 0.1, (rows1, rows2)
+    rewards1, rewards2 = losses(one, "grpo", "reward/mean"), losses(two, "grpo", "reward/mean")
+    assert len(rewards1) == len(rewards2) == 3 and abs(sum(rewards2) - sum(rewards1)) / 3 < 0.1, (rewards1, rewards2)
     assert losses(two, "grpo") == pytest.approx(losses(one, "grpo"), abs=0.05)
 
 
