@@ -79,9 +79,15 @@ def run(
     run_dir: Path = RunDirOpt,
     gpu_mem: Optional[float] = typer.Option(None, "--gpu-mem", help="device memory in GiB to check against; default: the GPU's"),
     no_memory_check: bool = typer.Option(False, "--no-memory-check", help="run a stage even if its estimate does not fit"),
+    num_machines: Optional[int] = typer.Option(None, "--num-machines", help="machines in this run (default: SLURM_NNODES, else 1); every machine runs `alignkit run` on the same shared run directory"),
+    machine_rank: Optional[int] = typer.Option(None, "--machine-rank", help="this machine's rank, 0 = the one that owns the run directory (default: SLURM_NODEID, else 0)"),
+    main_process_ip: Optional[str] = typer.Option(None, "--main-process-ip", help="address of machine rank 0 (default: the first host of SLURM_JOB_NODELIST)"),
+    main_process_port: Optional[int] = typer.Option(None, "--main-process-port", help="rendezvous port on machine rank 0 (default 29500)"),
 ):
     """Run every stage of RECIPE in order, skipping stages already done and resuming cut-off ones."""
-    from alignment.pipeline import Pipeline, RunLocked, StageFailed
+    import os
+
+    from alignment.pipeline import Machines, Pipeline, RunLocked, StageFailed
 
     rec = _load(recipe, check_data=True)
     if stage is not None and stage not in rec.stages:
@@ -89,7 +95,13 @@ def run(
 
         err.print(f"[bold red]error:[/] no stage '{stage}' in {recipe}{did_you_mean(stage, rec.stages)}; stages: {', '.join(rec.stages)}")
         raise typer.Exit(2)
-    pipe = Pipeline(rec, run_dir, console=console)
+    try:
+        machines = Machines.from_env(dict(os.environ), num=num_machines, rank=machine_rank, main_ip=main_process_ip,
+                                     main_port=main_process_port)
+    except ValueError as e:
+        err.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    pipe = Pipeline(rec, run_dir, console=console, machines=machines)
     if not no_memory_check:
         _check_memory(pipe, recipe.parent, stage, force, gpu_mem)
     console.print(f"[bold]alignkit[/] {rec.name}: {' → '.join(rec.ancestors(stage) if stage else rec.order())}  [dim]run dir {pipe.run_dir}[/]")
@@ -105,6 +117,8 @@ def run(
         err.print("[yellow]interrupted[/]: `alignkit run` again resumes from the last checkpoint")
         raise typer.Exit(130) from None
     _summary(rows, pipe.run_dir)
+    if machines.rank > 0:
+        return  # evals and the report are machine rank 0's
     if rec.evals:
         stages = rec.ancestors(stage) if stage else []
         code = subprocess.call([sys.executable, "-m", "evals", str(pipe.run_dir), *stages])

@@ -1,9 +1,16 @@
 """The orchestrator: stage DAG, fingerprints, skip / resume, launching stages (files: `alignment.rundir`).
 
-Each stage runs in a child process (`python -m alignment.stage`, or under `accelerate launch`)
-so stages keep their memory apart and a kill means the same thing everywhere. A stage is skipped
-when its manifest says done with the same fingerprint, resumed from its last checkpoint when it
-was cut off under the same fingerprint, and rerun from scratch when its fingerprint changed.
+Each stage runs in a child process (`python -m alignment.stage`, or one per rank under
+`torch.distributed.run` / `accelerate launch`: `Pipeline.command`) so stages keep their memory apart
+and a kill means the same thing everywhere. A stage is skipped when its manifest says done with the
+same fingerprint, resumed from its last checkpoint when it was cut off under the same fingerprint,
+and rerun from scratch when its fingerprint changed.
+
+On several machines (`Machines`) every machine runs one orchestrator over the same shared run
+directory. Machine rank 0 owns it: the lock, recipe.yaml, the manifests. The others only launch
+their share of each stage's ranks: they compute the same stage list from the same recipe and
+manifests (a stage can only finish with every machine taking part, so their views agree), and each
+launch meets rank 0's in the launcher's rendezvous.
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -146,6 +154,50 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+# ---------------------------------------------------------------- machines
+
+
+@dataclass(frozen=True)
+class Machines:
+    """Where this orchestrator sits in a multi-machine run (accelerate's `--num_machines`, `--machine_rank`,
+    `--main_process_ip`, `--main_process_port`; torchrun's `--nnodes`, `--node_rank`, `--master_addr`,
+    `--master_port`). One machine by default; machine rank 0 owns the run directory."""
+
+    num: int = 1
+    rank: int = 0
+    main_ip: Optional[str] = None
+    main_port: int = 29500  # accelerate's and torchrun's default
+
+    def __post_init__(self):
+        if self.num < 1 or not 0 <= self.rank < self.num:
+            raise ValueError(f"machine rank {self.rank} is outside 0..{self.num - 1} (--num-machines {self.num})")
+        if self.num > 1 and not self.main_ip:
+            raise ValueError(f"{self.num} machines need --main-process-ip: the address of machine rank 0")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str], *, num: Optional[int] = None, rank: Optional[int] = None,
+                 main_ip: Optional[str] = None, main_port: Optional[int] = None) -> "Machines":
+        """Given values, else Slurm's (SLURM_NNODES, SLURM_NODEID, the first host of SLURM_JOB_NODELIST),
+        else one machine. Raises ValueError for an inconsistent combination."""
+        slurm_num = int(env.get("SLURM_NNODES", "1"))
+        num = num if num is not None else slurm_num
+        if rank is None:
+            rank = int(env.get("SLURM_NODEID", "0")) if "SLURM_NNODES" in env else 0
+        if main_ip is None and env.get("SLURM_JOB_NODELIST") and num > 1:
+            main_ip = first_host(env["SLURM_JOB_NODELIST"])
+        return cls(num, rank, main_ip, main_port or cls.main_port)
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: "gpu[07-09,12],cpu1" -> "gpu07" (what `scontrol show hostnames`
+    prints first)."""
+    head = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if head is None:
+        raise ValueError(f"cannot read a host from SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, ranges = head.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+
+
 # ---------------------------------------------------------------- plan and run
 
 
@@ -160,10 +212,10 @@ class StageStatus:
 
 
 class Pipeline:
-    def __init__(self, recipe: Recipe, run_root: Path | str = "runs", *, console=None):
+    def __init__(self, recipe: Recipe, run_root: Path | str = "runs", *, console=None, machines: Machines = Machines()):
         from rich.console import Console
 
-        self.recipe = recipe
+        self.recipe, self.machines = recipe, machines
         self.run_dir = Path(run_root).resolve() / recipe.name
         self.rundir = RunDir(self.run_dir)
         self.console = console or Console(highlight=False)
@@ -189,9 +241,12 @@ class Pipeline:
         return out
 
     def run(self, only: Optional[str] = None, force: bool = False) -> list[dict]:
-        """Run the recipe (or `only` and the stages it needs); returns one summary row per stage."""
+        """Run the recipe (or `only` and the stages it needs); returns one summary row per stage. On a machine
+        of rank > 0, launch this machine's ranks of the same stages instead (`follow`)."""
         wanted = self.recipe.ancestors(only) if only else self.recipe.order()
         forced = {only} if (force and only) else (set(wanted) if force else set())
+        if self.machines.rank > 0:
+            return self.follow(wanted, forced)
         with run_lock(self.run_dir):
             self.rundir.write_recipe(self.recipe)
             rows = []
@@ -200,6 +255,40 @@ class Pipeline:
                     continue
                 rows.append(self._run_stage(st, st.name in forced))
             return rows
+
+    def follow(self, wanted: list[str], forced: set[str], timeout_s: float = 600) -> list[dict]:
+        """Machine rank > 0: launch this machine's ranks of each stage machine rank 0 runs, in the same order,
+        without the lock and without writing to the run directory. Waits up to `timeout_s` for rank 0 to write
+        this recipe into the (shared) run directory.
+
+        Raises:
+            StageFailed: rank 0 did not write the recipe in time, or this machine's share of a stage failed.
+        """
+        from alignment.recipe import dump_recipe
+
+        deadline, expected = time.monotonic() + timeout_s, dump_recipe(self.recipe)
+        while not (self.rundir.recipe_file.exists() and self.rundir.recipe_file.read_text() == expected):
+            if time.monotonic() > deadline:
+                raise StageFailed(f"machine rank 0 did not write this recipe to {self.rundir.recipe_file} within "
+                                  f"{timeout_s:.0f}s: is the run directory shared and the same recipe given to every machine?")
+            time.sleep(1)
+        rows = []
+        for st in self.status():
+            if st.name not in wanted:
+                continue
+            row = {"stage": st.name, "method": st.method, "seconds": 0.0, "metrics": {}}
+            if st.state == "done" and st.name not in forced:
+                self.console.print(f"[green]✓[/] {st.name} ({st.method}): done, skipped")
+                rows.append({**row, "status": "skipped"})
+                continue
+            self.console.print(f"[bold cyan]▶[/] {st.name} ({st.method}): machine {self.machines.rank} of {self.machines.num}")
+            start = time.time()
+            code = self._launch(st.name)
+            seconds = round(time.time() - start, 1)
+            if code != 0:
+                raise StageFailed(f"stage '{st.name}' failed on machine {self.machines.rank} (exit code {code}) after {seconds}s")
+            rows.append({**row, "status": f"ran (machine {self.machines.rank})", "seconds": seconds})
+        return rows
 
     def _run_stage(self, st: StageStatus, force: bool) -> dict:
         rundir, stage_dir = self.rundir, self.rundir.stage_dir(st.name)
@@ -240,16 +329,40 @@ class Pipeline:
         return {**row, "status": "resumed" if resumed else "ran", "seconds": seconds, "metrics": result["metrics"]}
 
     def command(self, name: str) -> list[str]:
-        """The child command: plain python, or accelerate launch with the stage's config."""
-        launch = self.recipe.stage_launch(name)
+        """The child command of stage `name` on this machine.
+
+        - neither `launch.num_processes` nor `launch.accelerate_config`, one machine: `python -m alignment.stage`;
+        - an accelerate config file, or CUDA: `accelerate launch` (DDP / FSDP2 / DeepSpeed as the file says;
+          without a file, DDP over this machine's GPUs);
+        - otherwise (CPU): `torch.distributed.run` with `num_processes` ranks per machine; accelerate (under the
+          trainers) reads the launcher's environment and picks gloo. accelerate's own CPU launcher does not form a
+          process group without MPI, which is why CPU goes through torchrun.
+
+        `num_processes` counts this machine's processes; accelerate is given the total over all machines.
+        """
+        import torch
+
+        launch, machines = self.recipe.stage_launch(name), self.machines
         entry = ["-m", "alignment.stage", str(self.run_dir), name]
-        if not launch.accelerate_config and not launch.num_processes:
+        if not launch.accelerate_config and not launch.num_processes and machines.num == 1:
             return [sys.executable, *entry]
-        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-        if launch.accelerate_config:
-            cmd += ["--config_file", launch.accelerate_config]
-        if launch.num_processes:
-            cmd += ["--num_processes", str(launch.num_processes)]
+        if launch.accelerate_config or torch.cuda.is_available():
+            cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+            if launch.accelerate_config:
+                cmd += ["--config_file", launch.accelerate_config]
+            if launch.num_processes:
+                total = launch.num_processes * machines.num
+                cmd += ["--num_processes", str(total)] + (["--multi_gpu"] if total > 1 and not launch.accelerate_config else [])
+            if machines.num > 1:
+                cmd += ["--num_machines", str(machines.num), "--machine_rank", str(machines.rank),
+                        "--main_process_ip", machines.main_ip, "--main_process_port", str(machines.main_port)]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(launch.num_processes or 1)]
+            if machines.num == 1:
+                cmd += ["--standalone"]  # a free local port for the rendezvous
+            else:
+                cmd += ["--nnodes", str(machines.num), "--node_rank", str(machines.rank),
+                        "--master_addr", machines.main_ip, "--master_port", str(machines.main_port)]
         return cmd + list(launch.extra_args) + entry
 
     def _launch(self, name: str) -> int:
@@ -257,7 +370,8 @@ class Pipeline:
         with this process, however this process ends (`alignment.procs`); Ctrl-C stops it, then re-raises."""
         from alignment import procs
 
-        proc = procs.spawn(self.command(name), pass_fds=[_held_locks[self.run_dir.resolve()]])
+        lock = _held_locks.get(self.run_dir.resolve())  # none on machines of rank > 0
+        proc = procs.spawn(self.command(name), pass_fds=[lock] if lock is not None else [])
         try:
             return procs.wait(proc)
         except KeyboardInterrupt:

@@ -27,12 +27,22 @@ from pathlib import Path
 
 WATCH_INTERVAL_S = 0.2  # how soon a watchdog notices that its parent died
 
-# Runs as `python -I -S -c _WATCHDOG PARENT_PID GROUP`. It polls rather than waits: the parent is not
-# ours to wait on. Its own session keeps the terminal's Ctrl-C away, so the stage's cleanup runs first.
+# Runs as `python -I -S -c _WATCHDOG PARENT_PID GROUP INTERVAL [WATCHED_PID]`: it guards while its parent
+# lives (and, given WATCHED_PID, while that process lives, not a zombie). It polls rather than waits: neither
+# is ours to wait on. Its own session keeps the terminal's Ctrl-C away, so the stage's cleanup runs first.
 _WATCHDOG = r"""
 import os, signal, sys, time
 parent, group = int(sys.argv[1]), int(sys.argv[2])
-while os.getppid() == parent:
+watched = int(sys.argv[4]) if len(sys.argv) > 4 else None
+
+def watched_alive():
+    try:
+        with open(f"/proc/{watched}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+while os.getppid() == parent and (watched is None or watched_alive()):
     try:
         os.killpg(group, 0)
     except ProcessLookupError:
@@ -64,6 +74,20 @@ def spawn(command: list[str], **popen_kwargs) -> subprocess.Popen:
         start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True,
     )
     return proc
+
+
+def guard_own_group(watched: int) -> None:
+    """Make this process's group die (SIGKILL) within `WATCH_INTERVAL_S` of process `watched` ending.
+
+    For a process that another launcher started in a session of its own -- `torch.distributed.run` (and
+    `accelerate launch`, which runs it) start each rank so -- out of reach of the watchdog `spawn` gave the
+    launcher: the rank guards itself against the launcher's death (`watched` = the launcher's pid).
+    """
+    subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(os.getpid()), str(os.getpgrp()), str(WATCH_INTERVAL_S),
+         str(watched)],
+        start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True,
+    )
 
 
 def wait(proc: subprocess.Popen) -> int:

@@ -107,9 +107,17 @@ class RolloutConfig(Strict):
 
 
 class LaunchConfig(Strict):
-    accelerate_config: Optional[str] = Field(None, description="accelerate config file (relative to the recipe); null = plain python")
-    num_processes: Optional[int] = Field(None, gt=0, description="override the config's process count")
-    extra_args: list[str] = Field(default_factory=list, description="more `accelerate launch` arguments (e.g. --num_machines 2)")
+    """How a stage's processes start (alignment.pipeline.Pipeline.command): one plain process when neither key is
+    set; else `accelerate launch` with the config file, or on CUDA; else (CPU) `torch.distributed.run` over gloo."""
+
+    accelerate_config: Optional[str] = Field(None, description=(
+        "accelerate config file (relative to the recipe), e.g. recipes/accelerate/zero3.yaml: DDP, FSDP2 or "
+        "DeepSpeed ZeRO; its num_processes counts all machines' processes"))
+    num_processes: Optional[int] = Field(None, gt=0, description=(
+        "processes per machine (one per GPU; on CPU, gloo ranks); overrides the config file's count. "
+        "The global batch is per_device_train_batch_size x processes x machines x gradient_accumulation_steps"))
+    extra_args: list[str] = Field(default_factory=list, description=(
+        "more arguments for the launcher used (`accelerate launch`, or `torch.distributed.run` on CPU)"))
 
 
 def _listed(value):

@@ -551,6 +551,19 @@ class VLLMServerEngine:
         ]
 
     def sync_weights(self, model: torch.nn.Module) -> None:
+        """Push `model`'s weights to the server. A server given by `url` is shared by every rank of a
+        multi-process stage: global rank 0 alone pushes (the ranks hold the same weights after an update) and
+        every rank waits for it at a barrier, so none generates from the old weights. A server this engine
+        started is its own rank's: it is pushed to by that rank."""
+        import torch.distributed as dist
+
+        shared = self.process is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not shared or dist.get_rank() == 0:
+            self._push_weights(model)
+        if shared:
+            dist.barrier()
+
+    def _push_weights(self, model: torch.nn.Module) -> None:
         from safetensors.torch import save_file
 
         path = self.weights_dir / "model.safetensors"

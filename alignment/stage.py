@@ -1,8 +1,9 @@
 """Child-process entry of one stage: `python -m alignment.stage RUN_DIR STAGE`.
 
-The orchestrator (pipeline.py) starts it plainly or under `accelerate launch`; it reads the
-resolved recipe from the run directory, runs the registered method and, on the main process,
-writes STAGE/result.json. The manifest stays the orchestrator's to write.
+The orchestrator (pipeline.py) starts it plainly, or once per rank under `torch.distributed.run` or
+`accelerate launch`; it reads the resolved recipe from the run directory, runs the registered method
+and, on the main process (global rank 0), writes STAGE/result.json. The manifest stays the
+orchestrator's to write.
 """
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir, name = Path(argv[0]), argv[1]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "TORCHELASTIC_RUN_ID" in os.environ and os.getpgrp() == os.getpid():
+        from alignment.procs import guard_own_group
+
+        # torch.distributed.run starts each rank in a session of its own, out of reach of the watchdog that
+        # guards the launcher: the rank (and all it starts) must die with the launcher all the same
+        guard_own_group(os.getppid())
 
     import transformers
 
@@ -36,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         result = STAGES.get(recipe.stages[name].method)(ctx)
     finally:
         ctx.finish_tracking()
-    if int(os.environ.get("RANK", 0)) == 0:
+    if ctx.is_main_process:
         data = {"data_report": ctx.data_report.to_dict()} if ctx.data_report.counts else {}  # -> the manifest, the report
-        ctx.rundir.write_result(name, {"metrics": result.metrics, "info": {**result.info, **data},
+        ctx.rundir.write_result(name, {"metrics": result.metrics,
+                                       "info": {**result.info, **data, "world_size": ctx.world_size},
                                        "trainer_config": ctx.trainer_config})
     return 0
 

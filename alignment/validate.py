@@ -38,7 +38,7 @@ def load_recipe(path: str | Path, *, check_args: bool = True) -> Recipe:
     recipe, lines = parse_recipe(path)
     _fill_rollouts(recipe)
     _absolutize(recipe, path.parent.resolve())  # first: checks that read a teacher's or judge's files find them
-    problems = check_recipe(recipe, check_args=check_args)
+    problems = check_recipe(recipe, check_args=check_args) + _check_launch(recipe, path.parent.resolve())
     for p in problems:
         p.line = p.line or line_for(lines, p.path)
     if problems:
@@ -74,6 +74,59 @@ def _absolutize(recipe: Recipe, base: Path) -> None:
             folder = (r.model_extra or {}).get("model") if r.name == "judge" else None
             if isinstance(folder, str) and folder not in recipe.stages and (base / folder).is_dir():
                 r.model_extra["model"] = str((base / folder).resolve())
+
+
+def _check_launch(recipe: Recipe, base: Path) -> list[Problem]:
+    """Each `launch.accelerate_config` (the recipe's and the stages') names a file that `check_accelerate_config`
+    accepts; its problems name the recipe key and, in the message, the config file's line."""
+    launches = [(("launch",), recipe.launch)] + [(("stages", n, "launch"), s.launch) for n, s in recipe.stages.items() if s.launch]
+    problems = []
+    for where, launch in launches:
+        if launch.accelerate_config:
+            config = base / launch.accelerate_config
+            problems += [Problem(where + ("accelerate_config",), msg) for msg in check_accelerate_config(config)]
+    return problems
+
+
+# Sections of an accelerate config whose keys are `accelerate launch` options (accelerate merges them in by name).
+_LAUNCH_OPTION_SECTIONS = ("fsdp_config", "deepspeed_config")
+
+
+def check_accelerate_config(path: Path) -> list[str]:
+    """Problems of an accelerate config file, each naming `path:line`: missing, not YAML, not a mapping, a key
+    accelerate's `ClusterConfig` does not have, a `fsdp_config` / `deepspeed_config` key that is no
+    `accelerate launch` option, a value accelerate refuses (e.g. an unknown `distributed_type`). Parsed as
+    `accelerate launch --config_file` parses it; DeepSpeed itself need not be installed."""
+    import yaml
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+
+    if not path.is_file():
+        return [f"accelerate config file {path} does not exist (e.g. recipes/accelerate/ddp.yaml)"]
+    try:
+        root = yaml.compose(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        return [f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML: {getattr(e, 'problem', e)}"]
+    if not isinstance(root, yaml.MappingNode):
+        return [f"{path}:1: an accelerate config is a mapping of keys (compute_environment, distributed_type, ...)"]
+    fields = set(ClusterConfig.__dataclass_fields__)
+    options = {a.dest for a in launch_command_parser()._actions}
+    problems = []
+    for key, value in root.value:
+        if key.value not in fields:
+            problems.append(f"{path}:{key.start_mark.line + 1}: unknown accelerate config key '{key.value}'"
+                            f"{did_you_mean(key.value, fields)}")
+        elif key.value in _LAUNCH_OPTION_SECTIONS and isinstance(value, yaml.MappingNode):
+            problems += [f"{path}:{k.start_mark.line + 1}: unknown {key.value} key '{k.value}'{did_you_mean(k.value, options)}"
+                         for k, _ in value.value if k.value not in options]
+    if problems:
+        return problems
+    try:
+        ClusterConfig.from_yaml_file(str(path))
+    except (ValueError, TypeError) as e:  # accelerate's own checks: enum values, argument types
+        return [f"{path}: accelerate refuses this config: {e}"]
+    return []
 
 
 def check_recipe(recipe: Recipe, *, check_args: bool = True) -> list[Problem]:

@@ -134,6 +134,18 @@ class StageContext:
         """`effective_args`: the method's registered defaults, overridden by the recipe's `args`."""
         return effective_args(self.recipe, self.name)
 
+    @property
+    def world_size(self) -> int:
+        """How many processes run this stage (`WORLD_SIZE`, set by torch.distributed.run / accelerate launch)."""
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this is global rank 0 (`RANK` from the launcher; True in a plain single process): the one
+        process that writes the artifact, result.json, metrics.jsonl and the progress output. The launcher's
+        environment is what accelerate's `PartialState` reads, so this agrees with `trainer.accelerator`."""
+        return int(os.environ.get("RANK", "0")) == 0
+
     @functools.cached_property
     def rundir(self) -> RunDir:
         return RunDir(self.run_dir)
@@ -209,9 +221,12 @@ class StageContext:
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         """Append {"step", "time", **metrics} (numbers only; keys from alignment/metrics.py) to metrics.jsonl, and
-        send them to the stage's `report_to` trackers (`alignment.tracking`)."""
+        send them to the stage's `report_to` trackers (`alignment.tracking`); only the main process writes (other
+        ranks' calls do nothing)."""
         from rewards import missing_metrics
 
+        if not self.is_main_process:
+            return
         values = {k: v for k, v in metrics.items() if isinstance(v, (int, float))} | missing_metrics(self.reward_funcs)
         self.rundir.append_metrics(self.name, step, values)
         if self.trackers is None:  # started at the first row: its step tells tensorboard what to purge on a resume
@@ -228,12 +243,16 @@ class StageContext:
             self.trackers.finish()
 
     def progress(self, total: int, completed: int = 0) -> "Progress":
-        return Progress(self.name, total, completed)
+        """The stage's progress output; silent on every rank but the main one."""
+        return Progress(self.name, total, completed, enabled=self.is_main_process)
 
     def fault_hook(self, step: int) -> None:
         """Called right after a checkpoint is saved. Test hook: ALIGNKIT_FAULT_KILL_AFTER_SAVE=N kills this
-        process (SIGKILL) once `step` >= N -- how the resume tests cut a stage off mid-run."""
-        kill_at = os.environ.get("ALIGNKIT_FAULT_KILL_AFTER_SAVE")
+        process (SIGKILL) once `step` >= N -- how the resume tests cut a stage off mid-run; with
+        ALIGNKIT_FAULT_RANK=R only global rank R is killed (one rank of a multi-process stage)."""
+        kill_at, rank = os.environ.get("ALIGNKIT_FAULT_KILL_AFTER_SAVE"), os.environ.get("ALIGNKIT_FAULT_RANK")
+        if rank is not None and rank != os.environ.get("RANK", "0"):
+            return
         if kill_at and step >= int(kill_at):
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -245,7 +264,7 @@ class StageContext:
         found = self.rundir.checkpoints(self.name)
         last = int(found[-1].name.split("-")[-1]) if found else -1
         for partial in self.rundir.checkpoints(self.name, complete=False):
-            if partial not in found and int(partial.name.split("-")[-1]) > last:
+            if self.is_main_process and partial not in found and int(partial.name.split("-")[-1]) > last:
                 print(f"alignkit: {partial.name} of {self.name} is incomplete (cut off while saving); "
                       f"{'resuming from ' + found[-1].name if found else 'starting over'}", flush=True)
                 shutil.rmtree(partial, ignore_errors=True)
@@ -267,8 +286,9 @@ class StageContext:
         trainer.remove_callback(PrinterCallback)  # our StageCallback shows the logs
         resume = self.last_checkpoint()
         if resume:
-            print(f"alignkit: resuming {self.name} from {Path(resume).name}", flush=True)
-            self.rundir.truncate_metrics(self.name, int(Path(resume).name.split("-")[-1]))
+            if self.is_main_process:
+                print(f"alignkit: resuming {self.name} from {Path(resume).name}", flush=True)
+                self.rundir.truncate_metrics(self.name, int(Path(resume).name.split("-")[-1]))
         out = trainer.train(resume_from_checkpoint=resume)
         metrics = {k: v for k, v in (out.metrics or {}).items() if isinstance(v, (int, float))}
         return {**metrics, **reward_trend(self.rundir.read_metrics(self.name))}
@@ -287,7 +307,10 @@ class StageContext:
         trainer.accelerator.wait_for_everyone()
 
     def save_model(self, model, tokenizer, head: str = "causal_lm") -> None:
-        """Save a model trained in this one process (adapter or full weights) as this stage's artifact."""
+        """Save an unsharded model (adapter or full weights) as this stage's artifact; only the main process
+        writes (other ranks' calls do nothing: the caller keeps the ranks in step)."""
+        if not self.is_main_process:
+            return
         with self._artifact(head) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -310,19 +333,21 @@ class Progress:
     """A rich progress bar over a stage's steps with the latest `metrics.PROGRESS` values; when stdout is not a
     terminal, a plain line at each tenth of the run instead."""
 
-    def __init__(self, name: str, total: int, completed: int = 0):
+    def __init__(self, name: str, total: int, completed: int = 0, enabled: bool = True):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.bar = Bar(TextColumn(f"[bold]{name}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                        TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn())
-        self.name, self.total, self.last = name, total, {}
+        self.name, self.total, self.last, self.enabled = name, total, {}, enabled
         self.plain = not self.bar.console.is_terminal
         self.task = self.bar.add_task(name, total=total, completed=completed, info="")
-        if not self.plain:
+        if not self.plain and enabled:
             self.bar.start()
 
     def update(self, step: int, metrics: Optional[dict] = None) -> None:
         """Move to `step`; with `metrics` (canonical keys), show them and maybe print a plain line."""
+        if not self.enabled:
+            return
         self.last.update({k: v for k, v in (metrics or {}).items() if k in PROGRESS and isinstance(v, (int, float))})
         info = " ".join(f"{label} {self.last[k]:.4g}" for k, label in PROGRESS.items() if k in self.last)
         self.bar.update(self.task, completed=step, info=info)
@@ -330,13 +355,15 @@ class Progress:
             print(f"  {self.name} step {step}/{self.total} {info}", flush=True)
 
     def print(self, text: str) -> None:
+        if not self.enabled:
+            return
         if self.plain:
             print(text, flush=True)
         else:
             self.bar.console.print(text, markup=False, highlight=False)
 
     def stop(self) -> None:
-        if not self.plain:
+        if not self.plain and self.enabled:
             self.bar.stop()
 
 
