@@ -56,6 +56,12 @@ METRICS: dict[str, Metric] = {
     "logps/rejected": Metric("log-probability of the rejected completions", "nats"),
     "logits/chosen": Metric("mean logit over the chosen completions' tokens", "logit"),
     "logits/rejected": Metric("mean logit over the rejected completions' tokens", "logit"),
+    # reference-free preference methods (TRL's names): orpo, cpo / simpo (their rewards/* are beta * the policy's
+    # own log-probs, length-normalised for simpo, not log-ratios to a reference)
+    "nll_loss": Metric("SFT loss on the chosen completions (orpo; cpo's term weighted by cpo_alpha)", "nats/token",
+                       "loss"),
+    "log_odds_ratio": Metric("orpo: mean log sigmoid(log odds(chosen) - log odds(rejected))", "nats", "margin"),
+    "log_odds_chosen": Metric("orpo: mean log odds(chosen) - log odds(rejected)", "nats", "margin"),
     # reward model (TRL's names)
     "accuracy": Metric("share of pairs the reward model ranks chosen above rejected", "share", "accuracy"),
     "margin": Metric("mean score(chosen) - score(rejected)", "score", "margin"),
@@ -77,6 +83,14 @@ METRICS: dict[str, Metric] = {
     "kl/ref_per_token": Metric("KL(policy || reference), mean over valid tokens (grpo's in-loss k3)", "nats/token",
                                "KL"),
     "kl/coef": Metric("the KL coefficient beta used in this update's rewards", "coefficient", "KL"),
+    # online_dpo: each prompt's two samples judged by the rewards into a chosen / rejected pair
+    "reward/pair_margin": Metric("mean reward of the judged-better sample minus the worse one", "score", "margin"),
+    "reward/with_kl": Metric("reward - beta * KL(policy || reference) per sequence, mean: the objective", "score",
+                             "reward"),
+    "kl/penalty": Metric("-beta * KL(policy || reference) per sequence, mean", "score", "KL"),
+    "response/neg_logprob": Metric("-log p(completion) under the policy, summed over tokens, mean over samples",
+                                   "nats/sequence", "entropy"),
+    "response/stopped_frac": Metric("share of completions that end with a stop token", "share"),
     "policy/loss": Metric("clipped surrogate loss, averaged over the update's minibatches", "loss", "loss"),
     "policy/clipfrac": Metric("share of valid tokens where the clipped ratio term was used", "share"),
     "policy/approxkl": Metric("1/2 mean (logprobs - old_logprobs)^2 over valid tokens", "nats"),
@@ -121,8 +135,19 @@ TRL_NAMES: dict[str, dict[str, str]] = {
         "sampling/sampling_logp_difference/mean": "rollout/logprob_diff",
         "step_time": "timing/step",
     },
+    "online_dpo": {
+        "objective/scores": "reward/mean",
+        "objective/scores_margin": "reward/pair_margin",
+        "objective/rlhf_reward": "reward/with_kl",
+        "objective/kl": "kl/ref",
+        "objective/non_score_reward": "kl/penalty",
+        "objective/entropy": "response/neg_logprob",
+        "val/contain_eos_token": "response/stopped_frac",
+        "beta": "kl/coef",
+    },
     "kto": {"kl": "kl/ref"},
 }
+TRL_NAMES["rloo"] = TRL_NAMES["grpo"]  # TRL's RLOOTrainer logs with GRPOTrainer's code
 
 # the progress bars' fields: key -> label, in this order
 PROGRESS = {"loss": "loss", "reward/mean": "reward", "kl/ref": "kl", "rewards/margins": "margin",

@@ -401,8 +401,13 @@ def parse_recipe(path: str | Path) -> tuple[Recipe, dict[tuple, int]]:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    """The resolved recipe (all defaults filled) as YAML, written into each run directory."""
-    return yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False)
+    """The resolved recipe (all defaults filled) as YAML, written into each run directory. A stage's `model:`
+    override keeps only the keys it sets, so the stage process still inherits the rest from `model:`."""
+    data = recipe.model_dump(mode="json", by_alias=True)
+    for name, st in recipe.stages.items():
+        if st.model is not None:
+            data["stages"][name]["model"] = st.model.model_dump(mode="json", exclude_unset=True)
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def parse_resolved(text: str) -> Recipe:

@@ -580,3 +580,39 @@ class VLLMServerEngine:
         shutil.rmtree(self.weights_dir, ignore_errors=True)
         if self.socket is not None:
             shutil.rmtree(os.path.dirname(self.socket), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A TRL trainer's generation through an engine (grpo's `rollout_func`, rloo's generation backend)
+# ---------------------------------------------------------------------------------------------------------------
+
+class TrainerRollouts:
+    """One completion per (already repeated) prompt for a TRL trainer, from a rollout engine started on first use
+    from the trainer's live policy (`start(policy) -> Engine`) and given the policy's weights again whenever the
+    trainer's optimizer step has moved since the last generation. `backend` is the engine's name once started."""
+
+    def __init__(self, start, sampling: SamplingConfig, tokenizer):
+        self.start, self.sampling, self.tokenizer = start, sampling, tokenizer
+        self.engine, self.synced_step, self.backend = None, -1, None
+
+    def generate(self, prompt_ids: list[list[int]], trainer) -> list[Completion]:
+        """Per prompt (token ids), one completion sampled from the current policy."""
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        if self.engine is None:
+            self.engine = self.start(policy)
+            self.backend, self.synced_step = self.engine.name, trainer.state.global_step
+        elif trainer.state.global_step != self.synced_step:
+            self.engine.sync_weights(policy)
+            self.synced_step = trainer.state.global_step
+        # TRL repeats each prompt num_generations times: one sample each keeps its grouping
+        return [c[0] for c in self.engine.generate(prompt_ids, self.sampling)]
+
+    def __call__(self, prompts: list[str | list[dict]], trainer) -> dict[str, list]:
+        """TRL's `rollout_func` (GRPOTrainer): prompts (text or chat messages) -> ids and per-token log-probs."""
+        outs = self.generate(encode_prompts(self.tokenizer, prompts), trainer)
+        return {"prompt_ids": [c.prompt_ids for c in outs], "completion_ids": [c.completion_ids for c in outs],
+                "logprobs": [c.logprobs for c in outs]}
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import graphlib
 import re
+import types
 import typing
 from pathlib import Path
 
@@ -199,8 +200,10 @@ SCALARS = (int, float, bool)
 
 
 def _scalar_type(hint):
-    """`int`, `float`, `bool`, `int | float` (None allowed) -> a pydantic-checkable type; else None (not checked)."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_args(hint) else [hint]
+    """`int`, `float`, `bool`, `int | float` (None allowed) -> a pydantic-checkable type; else (e.g. `list[float]`,
+    which TRL's OnlineDPOConfig.beta also takes as a float) None: not checked."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
     return hint if args and all(a in SCALARS for a in args) else None
 
 

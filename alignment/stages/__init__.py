@@ -188,7 +188,7 @@ class StageContext:
                      on_bad_rows=self.recipe.on_bad_rows, report=self.data_report, contaminated=row_filter(self.recipe),
                      decontaminate=self.recipe.decontaminate.action if self.recipe.decontaminate else None)
 
-    # ------------------------------------------------------------ online RL (grpo, ppo)
+    # ------------------------------------------------------------ online RL (grpo, rloo, online_dpo, ppo)
 
     @property
     def rollout(self) -> RolloutConfig:
@@ -216,6 +216,16 @@ class StageContext:
             **({"url": cfg.url} if cfg.url else {}),
             **({"gpu_memory_utilization": cfg.gpu_memory_utilization} if cfg.backend != "hf" else {}),
         )
+
+    def trainer_rollouts(self, tokenizer, *, seed: int):
+        """Generation for a TRL trainer (grpo's `rollout_func`, rloo's backend) from the `rollout:` engine,
+        started from the trainer's live policy and synced after each optimizer step (`rollout.TrainerRollouts`)."""
+        from alignment.rollout import SamplingConfig, TrainerRollouts
+
+        cfg = self.rollout
+        sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  top_k=cfg.top_k, n=1)
+        return TrainerRollouts(lambda policy: self.rollout_engine(policy, tokenizer, seed=seed), sampling, tokenizer)
 
     # ------------------------------------------------------------ logging, progress, the fault hook
 

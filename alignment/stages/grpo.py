@@ -19,46 +19,19 @@ def _config():
     return GRPOConfig
 
 
-def _check(recipe, name):
+def check_rewards(recipe, name):
+    """A method that scores its samples (grpo, rloo, online_dpo) needs at least one reward."""
     from alignment.recipe import Problem
 
-    if not recipe.stages[name].rewards:
-        return [Problem(("stages", name, "rewards"), "grpo needs at least one reward, e.g. rewards: [{name: math_accuracy}]")]
+    spec = recipe.stages[name]
+    if not spec.rewards:
+        return [Problem(("stages", name, "rewards"), f"{spec.method} needs at least one reward, e.g. rewards: [{{name: math_accuracy}}]")]
     return []
 
 
-class Rollouts:
-    """TRL `rollout_func`: one completion per (already repeated) prompt from the stage's engine
-    (`ctx.rollout_engine`), with the policy's weights pushed to the engine once per optimizer step."""
-
-    def __init__(self, ctx: StageContext, tokenizer, seed: int):
-        self.ctx, self.cfg, self.tokenizer, self.seed = ctx, ctx.rollout, tokenizer, seed
-        self.engine, self.synced_step, self.backend = None, -1, None
-
-    def __call__(self, prompts, trainer):
-        from alignment.rollout import SamplingConfig, encode_prompts
-
-        policy = trainer.accelerator.unwrap_model(trainer.model)
-        if self.engine is None:
-            self.engine = self.ctx.rollout_engine(policy, self.tokenizer, seed=self.seed)
-            self.backend, self.synced_step = self.engine.name, trainer.state.global_step
-        elif trainer.state.global_step != self.synced_step:
-            self.engine.sync_weights(policy)
-            self.synced_step = trainer.state.global_step
-        sampling = SamplingConfig(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                  top_p=self.cfg.top_p, top_k=self.cfg.top_k, n=1)
-        # prompts arrive repeated num_generations times: one sample each keeps TRL's grouping
-        outs = [c[0] for c in self.engine.generate(encode_prompts(self.tokenizer, prompts), sampling)]
-        return {"prompt_ids": [c.prompt_ids for c in outs], "completion_ids": [c.completion_ids for c in outs],
-                "logprobs": [c.logprobs for c in outs]}
-
-    def close(self):
-        if self.engine is not None:
-            self.engine.close()
-
-
-def _defaults(recipe, name):
-    """GRPOConfig from the stage's `rollout:` and `rewards:`; a batch of two prompts' groups per device."""
+def group_defaults(recipe, name):
+    """GRPOConfig (and RLOOConfig, same fields) from the stage's `rollout:` and `rewards:`; a batch of two
+    prompts' groups per device."""
     spec = recipe.stages[name]
     rollout = spec.rollout
     return {
@@ -70,14 +43,14 @@ def _defaults(recipe, name):
     }
 
 
-@stage("grpo", config=_config, formats=("prompt",), check=_check, defaults=_defaults, generates=True)
+@stage("grpo", config=_config, formats=("prompt",), check=check_rewards, defaults=group_defaults, generates=True)
 def run(ctx: StageContext) -> StageResult:
     from trl import GRPOConfig, GRPOTrainer
 
     funcs, _ = ctx.reward_functions()
     tokenizer = ctx.tokenizer()
     args = ctx.trl_config(GRPOConfig)
-    rollouts = Rollouts(ctx, tokenizer, seed=args.seed)
+    rollouts = ctx.trainer_rollouts(tokenizer, seed=args.seed)
     trainer = GRPOTrainer(
         model=ctx.load_model(), reward_funcs=funcs, args=args, train_dataset=ctx.dataset(),
         processing_class=tokenizer, peft_config=ctx.peft_config(), callbacks=ctx.callbacks(),

@@ -134,6 +134,15 @@ def test_stage_model_override(tmp_path):
     assert r.stage_model("sft").quantization is None
 
 
+def test_stage_model_override_survives_the_resolved_recipe(tmp_path):
+    """The stage process reads the resolved recipe: a QLoRA override keeps the recipe's adapter there too."""
+    from alignment.recipe import dump_recipe, parse_resolved
+
+    r = load_recipe(write(tmp_path, GOOD + "    model: {quantization: {bits: 4}}\n"))
+    m = parse_resolved(dump_recipe(r)).stage_model("dpo")
+    assert m.quantization.bits == 4 and m.adapter.r == 8 and m == r.stage_model("dpo")
+
+
 def test_cli_validate_exits_2_with_the_message(tmp_path):
     p = write(tmp_path, GOOD.replace("from: sft", "from: stf"))
     res = CliRunner().invoke(app, ["validate", str(p)])
