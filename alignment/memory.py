@@ -285,6 +285,13 @@ METHODS.register("dpo")(MethodMemory(2, "full", _trl_seq, _reference_unless_adap
 METHODS.register("kto")(MethodMemory(2, "full", _trl_seq, _reference_unless_adapter))  # + the KL batch
 METHODS.register("grpo")(MethodMemory(1, "full", _rollout_seq, _grpo_extras))
 METHODS.register("ppo")(MethodMemory(1, "full", _rollout_seq, _ppo_extras))
+METHODS.register("rloo")(MethodMemory(1, "full", _rollout_seq, _grpo_extras))  # TRL's RLOO: GRPO's layout
+# online DPO: two sampled completions per prompt, judged by reward functions or a reward-model stage
+METHODS.register("online_dpo")(MethodMemory(2, "full", _rollout_seq,
+                                            lambda args, recipe, name: _reference_unless_adapter(args, recipe, name)
+                                            + _reward_models(recipe, name)))
+for _name in ("orpo", "cpo", "simpo"):  # reference-free preference losses on chosen + rejected
+    METHODS.register(_name)(MethodMemory(2, "full", _trl_seq, _no_extras))
 # GKD: a frozen teacher, counted at the student's size (a teacher of another size is not read from its config)
 METHODS.register("distill")(MethodMemory(1, "full", _trl_seq, lambda args, recipe, name: [Extra("teacher", "frozen", quantized=False)]))
 
