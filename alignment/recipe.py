@@ -17,7 +17,7 @@ from typing import Any, Container, Literal, Optional, Union, get_args, get_origi
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from alignment.registry import did_you_mean
+from alignment.registry import closest, did_you_mean
 
 BASE = "base"  # the name of the starting model in `from:` and in eval stage lists
 
@@ -345,13 +345,18 @@ def _valid_keys(path: tuple) -> list[str]:
 
 
 def _pydantic_problems(err: ValidationError, lines) -> list[Problem]:
+    """One Problem per error, except that a required key reported missing beside an unknown key that is its
+    misspelling (`stagse:` for `stages:`) is one problem: the unknown key, with its line and the closest name."""
+    errors = [(e, _error_path(e)) for e in err.errors()]
+    misspelt = {path[:-1] + (closest(str(path[-1]), _valid_keys(path)),) for e, path in errors if e["type"] == "extra_forbidden"}
     problems = []
-    for e in err.errors():
-        path = tuple(x for x in e["loc"] if not (isinstance(x, str) and x[:1].isupper() and "[" in x or x in ("function-after", "function-before")))
+    for e, path in errors:
         if e["type"] == "extra_forbidden":
             key = path[-1]
             msg = f"unknown key '{key}'{did_you_mean(str(key), _valid_keys(path))}"
         elif e["type"] == "missing":
+            if path in misspelt:
+                continue
             msg = f"missing required key '{path[-1]}'"
         else:
             msg = e["msg"]
@@ -359,6 +364,11 @@ def _pydantic_problems(err: ValidationError, lines) -> list[Problem]:
                 msg += f" (got {e['input']!r})"
         problems.append(Problem(path, msg, line_for(lines, path)))
     return problems
+
+
+def _error_path(error: dict) -> tuple:
+    """A pydantic error's `loc` without its validator and union-member parts: the recipe's key path."""
+    return tuple(x for x in error["loc"] if not (isinstance(x, str) and x[:1].isupper() and "[" in x or x in ("function-after", "function-before")))
 
 
 # ---------------------------------------------------------------- parsing

@@ -154,11 +154,11 @@ def reward_path(monkeypatch):
 USER_MODULES = ("my_rewards", "broken_rewards", "not_here_rewards")
 
 
-def grpo_recipe(folder, reward_module: str, reward_name="my_rewards.exact"):
+def grpo_recipe(folder, model, reward_module: str, reward_name="my_rewards.exact"):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{reward_name.split('.')[0]}.py").write_text(textwrap.dedent(reward_module))
     write_jsonl(folder / "prompts.jsonl", [{"prompt": "What is 2+2?", "answer": "4"}])
-    return write_recipe(folder, "some/model", {"grpo": {"method": "grpo", "data": ["prompts"],
+    return write_recipe(folder, model, {"grpo": {"method": "grpo", "data": ["prompts"],
                                                         "rewards": [{"name": reward_name}]}},
                         data={"prompts": {"path": "prompts.jsonl"}})
 
@@ -172,8 +172,8 @@ def validate(recipe, cwd):
         os.chdir(old)
 
 
-def test_a_reward_module_beside_the_recipe_imports_from_any_directory(tmp_path, reward_path):
-    recipe = grpo_recipe(tmp_path / "project", MY_REWARDS)
+def test_a_reward_module_beside_the_recipe_imports_from_any_directory(tmp_path, reward_path, tiny_model_path):
+    recipe = grpo_recipe(tmp_path / "project", tiny_model_path, MY_REWARDS)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     result = validate(recipe, elsewhere)
@@ -185,8 +185,8 @@ def test_a_reward_module_beside_the_recipe_imports_from_any_directory(tmp_path, 
     assert child.returncode == 0 and "('answer',)" in child.stdout, child.stderr
 
 
-def test_a_column_parameter_the_data_lacks_is_refused_at_validate(tmp_path, reward_path):
-    recipe = grpo_recipe(tmp_path, MY_REWARDS.replace("answer", "solution"))
+def test_a_column_parameter_the_data_lacks_is_refused_at_validate(tmp_path, reward_path, tiny_model_path):
+    recipe = grpo_recipe(tmp_path, tiny_model_path, MY_REWARDS.replace("answer", "solution"))
     result = validate(recipe, tmp_path)
     assert result.exit_code == 2
     assert "prompts.jsonl:1: reward 'my_rewards.exact' of stage 'grpo' reads column(s) ['solution']" in result.output
@@ -197,9 +197,9 @@ def test_a_column_parameter_the_data_lacks_is_refused_at_validate(tmp_path, rewa
     ("import math\nSCALE = 1 / 0\n", 2, "raised ZeroDivisionError: division by zero"),
     ("import no_such_dependency_xyz\n", 1, "No module named 'no_such_dependency_xyz'"),
 ])
-def test_a_reward_module_that_fails_to_import_is_one_error_naming_file_and_line(tmp_path, reward_path, module,
+def test_a_reward_module_that_fails_to_import_is_one_error_naming_file_and_line(tmp_path, reward_path, tiny_model_path, module,
                                                                                  line, says):
-    recipe = grpo_recipe(tmp_path, module, reward_name="broken_rewards.exact")
+    recipe = grpo_recipe(tmp_path, tiny_model_path, module, reward_name="broken_rewards.exact")
     result = validate(recipe, tmp_path)
     assert result.exit_code == 2, result.output
     assert f"broken_rewards.py:{line}:" in result.output and says in result.output
