@@ -106,19 +106,22 @@ def versions() -> dict[str, str]:
 
 def stage_inputs(recipe: Recipe, name: str, fingerprints: dict[str, str]) -> dict:
     """Everything that determines a stage's result; its hash is the stage's fingerprint. `args` are the
-    effective ones (registered defaults included), so changing a default reruns the stage."""
+    effective ones (registered defaults included), so changing a default reruns the stage. A stage from `base`
+    records its model's contents (`models.model_digest`: config, tokenizer, weights), not its location."""
     from alignment.data import dataset_digest
+    from alignment.models import model_digest
 
     st = recipe.stages[name]
     dropped = recipe.decontaminate is not None and recipe.decontaminate.action == "drop"
+    model, digest = recipe.stage_model(name), model_digest(recipe.model.name_or_path)
     return {
         **({"decontaminate": {"ngram": recipe.decontaminate.ngram,  # what is dropped depends on the eval sets too
                               "evals": {n: dataset_digest(recipe.data[n]) for n in sorted({e.data for e in recipe.evals if e.data})}}}
            if dropped else {}),
         "method": st.method,
         "from": st.from_,
-        "from_fingerprint": fingerprints.get(st.from_) if st.from_ != BASE else recipe.model.name_or_path,
-        "model": recipe.stage_model(name).model_dump(mode="json"),
+        "from_fingerprint": fingerprints.get(st.from_) if st.from_ != BASE else digest,
+        "model": model.model_dump(mode="json", exclude={"name_or_path"} if digest != model.name_or_path else None),
         "data": {r.name: {"weight": r.weight, "digest": dataset_digest(recipe.data[r.name])} for r in st.data},
         "args": effective_args(recipe, name),
         "rewards": [r.model_dump(mode="json") for r in st.rewards],

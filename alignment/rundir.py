@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
-from alignment.models import ARTIFACT_FILE, file_lock, merge_adapter, read_artifact, resolve_model_path
+from alignment.models import ARTIFACT_FILE, file_lock, merge_adapter, portable_path, read_artifact, resolve_model_path
 from alignment.recipe import BASE, Recipe, dump_recipe, parse_resolved
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -70,7 +70,9 @@ def artifact_writer(out: Path, *, kind: str, base: Optional[str], head: str, mai
     Args:
         out: the artifact folder (e.g. `STAGE/model`).
         kind: "adapter" (a peft adapter over `base`) or "full" (all weights).
-        base: full-weights folder or hub id the adapter was trained on.
+        base: full-weights folder or hub id the adapter was trained on; a folder in the same run directory
+            (`out` is `RUN/STAGE/model`) is recorded relative to `out` (`models.portable_path`), here and in peft's
+            adapter_config.json, so a moved or copied run directory keeps its lineage.
         head: "causal_lm" or "sequence_classification" (a reward model).
     """
     tmp = out.with_name(out.name + ".tmp")
@@ -79,6 +81,12 @@ def artifact_writer(out: Path, *, kind: str, base: Optional[str], head: str, mai
         tmp.mkdir(parents=True)
     yield tmp
     if main:
+        base = portable_path(base, out, root=out.parent.parent)
+        adapter_config = tmp / "adapter_config.json"  # peft records the base too
+        if adapter_config.exists():
+            config = json.loads(adapter_config.read_text())
+            config["base_model_name_or_path"] = portable_path(config.get("base_model_name_or_path"), out, root=out.parent.parent)
+            adapter_config.write_text(json.dumps(config, indent=2))
         (tmp / ARTIFACT_FILE).write_text(json.dumps({"kind": kind, "base": base, "head": head}, indent=1))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
@@ -167,7 +175,20 @@ class RunDir:
         return read_json(self._manifest_file(name))
 
     def write_manifest(self, name: str, manifest: dict) -> None:
-        write_json_atomic(self._manifest_file(name), manifest)
+        """Write STAGE/manifest.json atomically; paths into the run directory are stored relative to it."""
+        write_json_atomic(self._manifest_file(name), self.relative(manifest))
+
+    def relative(self, obj):
+        """`obj` (JSON-like) with every string that is a path into the run directory made relative to it, so a
+        moved or copied run directory names no old location."""
+        if isinstance(obj, dict):
+            return {k: self.relative(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self.relative(v) for v in obj]
+        root = str(self.path.resolve())
+        if isinstance(obj, str) and (obj == root or obj.startswith(root + os.sep)):
+            return os.path.relpath(obj, root)
+        return obj
 
     def done(self, name: str) -> Optional[dict]:
         """The stage's manifest when it says done and the artifact is present, else None."""
@@ -180,7 +201,7 @@ class RunDir:
         return read_json(self._result_file(name))
 
     def write_result(self, name: str, result: dict) -> None:
-        write_json_atomic(self._result_file(name), result)
+        write_json_atomic(self._result_file(name), self.relative(result))
 
     def clear_result(self, name: str) -> None:
         self._result_file(name).unlink(missing_ok=True)
