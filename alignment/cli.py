@@ -80,8 +80,8 @@ def run(
         err.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(1) from None
     except StageFailed as e:
-        err.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(1) from None
+        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: `alignkit run` again resumes from the last checkpoint")
         raise typer.Exit(130) from None

@@ -53,6 +53,7 @@ CHANGES: dict[str, str] = {
     "overlapping": "shares an n-gram with an eval set, kept (decontaminate: warn)",
 }
 EXAMPLES = 3  # file:line examples kept per dataset and kind
+TRUNCATION = ("truncated", "truncated_partly")
 
 
 @dataclass
@@ -75,10 +76,10 @@ class DataReport:
         """Rows of `kind` over all datasets."""
         return sum(c.get(kind, 0) for c in self.counts.values())
 
-    def lines(self) -> list[str]:
+    def lines(self, kinds: tuple[str, ...] = tuple(CHANGES)) -> list[str]:
         out = []
         for dataset, counts in self.counts.items():
-            for kind, n in counts.items():
+            for kind, n in ((k, n) for k, n in counts.items() if k in kinds):
                 shown = "; ".join(self.examples[dataset][kind])
                 out.append(f"dataset '{dataset}': {n} row(s) {kind} -- {CHANGES[kind]}; e.g. {shown}")
         return out
@@ -558,7 +559,7 @@ def count_truncated(tokenizer, max_length: int, datasets_cfg: dict[str, DatasetC
                 report.add(ref.name, "truncated_partly", loaded.where(i), f"{length} tokens > max_length {max_length}")
     cut, partly = report.rows("truncated") - before[0], report.rows("truncated_partly") - before[1]
     if cut == total or (bad_row_policy(on_bad_rows, "truncated") == "error" and cut + partly):
-        lines = "\n  ".join(line for line in report.lines() if " truncated" in line)
+        lines = "\n  ".join(report.lines(TRUNCATION))
         why = "every row loses its whole completion" if cut == total else "on_bad_rows: error"
         raise DataError(f"max_length {max_length}: {why}:\n  {lines}\n  raise `max_length` under the stage's args, "
                         f"or shorten the prompts")
@@ -580,7 +581,7 @@ def check_truncation(dataset, tokenizer, max_length: Optional[int], datasets_cfg
         return dataset
     report = DataReport() if report is None else report
     count_truncated(tokenizer, max_length, datasets_cfg, refs, accept, on_bad_rows=on_bad_rows, report=report)
-    for line in report.lines():
+    for line in report.lines(TRUNCATION):
         print(f"alignkit: max_length {max_length}: {line}", flush=True)
     if bad_row_policy(on_bad_rows, "truncated") == "drop" and report.rows("truncated"):
         dataset = dataset.filter(lambda row: completion_span(row, tokenizer)[0] < max_length)

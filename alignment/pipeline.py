@@ -21,6 +21,7 @@ from typing import Optional
 
 from alignment.recipe import BASE, Recipe, stage_dependencies
 from alignment.rundir import RunDir
+from alignment.stage import INPUT_ERROR_EXIT
 from alignment.stages import effective_args
 
 VERSIONED = ("torch", "transformers", "trl", "peft")
@@ -31,7 +32,12 @@ class RunLocked(RuntimeError):
 
 
 class StageFailed(RuntimeError):
-    """A stage's child process exited non-zero."""
+    """A stage's child process exited non-zero; `exit_code` is what `alignkit run` exits with: 1, or 2 when the
+    stage refused its recipe or data (a rerun would stop the same way)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # ---------------------------------------------------------------- lock
@@ -230,6 +236,11 @@ class Pipeline:
         code = self._launch(st.name)
         seconds = round(time.time() - start, 1)
         result = rundir.read_result(st.name)
+        refused = rundir.read_error(st.name) if code == INPUT_ERROR_EXIT else None
+        if refused is not None:  # the recipe or data: nothing a rerun could resume
+            manifest.update(status="failed", exit_code=code, seconds=seconds, error=refused)
+            rundir.write_manifest(st.name, manifest)
+            raise StageFailed(f"stage '{st.name}' stopped: {refused}", exit_code=INPUT_ERROR_EXIT)
         if code != 0 or result is None or not rundir.model_dir(st.name).is_dir():
             manifest.update(status="failed", exit_code=code, seconds=seconds)
             rundir.write_manifest(st.name, manifest)

@@ -124,6 +124,9 @@ class StageConfig(Strict):
     args: dict[str, Any] = Field(default_factory=dict, description="passed to the method's TRL config (SFTConfig, DPOConfig, ...)")
     model: Optional[ModelOverride] = Field(None, description="override parts of the recipe's model for this stage")
     rewards: list[RewardSpec] = Field(default_factory=list, description="reward functions (grpo, ppo)")
+    max_missing_reward_steps: int = Field(3, ge=1, description=(
+        "grpo, ppo: stop the stage (exit 2, naming the rewards and the step) after this many steps in a row in "
+        "which every reward lost every score (NaN, inf, not a number, raised): such a step trains on nothing"))
     rollout: Optional[RolloutConfig] = Field(None, description="generation settings (grpo, ppo)")
     launch: Optional[LaunchConfig] = Field(None, description="override the recipe's launch for this stage")
     teacher: Optional[str] = Field(None, description=(

@@ -4,6 +4,7 @@
     .lock                    held by the `alignkit run` using the directory
     STAGE/manifest.json      status (running | done | failed), fingerprint, inputs, trainer config, metrics
     STAGE/result.json        what the stage's process reports back: final metrics, info, trainer config
+    STAGE/error.json         what the stage's process refused (its recipe or data), when it did
     STAGE/checkpoints/       trainer checkpoints (`checkpoint-STEP`, HF Trainer's naming), used to resume
     STAGE/model/             the artifact: adapter or full weights + tokenizer + alignkit_model.json
     STAGE/merged/            an adapter artifact merged into its base, made once on first use
@@ -204,7 +205,19 @@ class RunDir:
         write_json_atomic(self._result_file(name), self.relative(result))
 
     def clear_result(self, name: str) -> None:
+        """Remove what a previous attempt of the stage reported (result.json, error.json)."""
         self._result_file(name).unlink(missing_ok=True)
+        self._error_file(name).unlink(missing_ok=True)
+
+    def _error_file(self, name: str) -> Path:
+        return self.stage_dir(name) / "error.json"
+
+    def write_error(self, name: str, message: str) -> None:
+        """What the stage's process refused (its recipe or data), for the orchestrator's manifest."""
+        write_json_atomic(self._error_file(name), {"error": message})
+
+    def read_error(self, name: str) -> Optional[str]:
+        return (read_json(self._error_file(name)) or {}).get("error")
 
     def read_evals(self, stage: str) -> Optional[dict]:
         return read_json(self.eval_file(stage))
