@@ -63,6 +63,7 @@ def run(
 ):
     """Run every stage of RECIPE in order, skipping stages already done and resuming cut-off ones."""
     from alignment.pipeline import Pipeline, RunLocked, StageFailed
+    from alignment.rundir import DiskFull
 
     rec = _load(recipe, check_data=True)
     if stage is not None and stage not in rec.stages:
@@ -82,6 +83,9 @@ def run(
     except StageFailed as e:
         err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
+    except DiskFull as e:
+        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: `alignkit run` again resumes from the last checkpoint")
         raise typer.Exit(130) from None

@@ -233,7 +233,13 @@ class Pipeline:
         verb = "resuming" if resumed else "running"
         self.console.print(f"[bold cyan]▶[/] {verb} {st.name} ({st.method}, from {self.recipe.stages[st.name].from_})")
         start = time.time()
-        code = self._launch(st.name)
+        try:
+            code = self._launch(st.name)
+        except BaseException:  # Ctrl-C, or this process failing: the manifest must not go on saying running
+            manifest.update(status="failed", seconds=round(time.time() - start, 1), error="interrupted")
+            with contextlib.suppress(OSError):
+                rundir.write_manifest(st.name, manifest)
+            raise
         seconds = round(time.time() - start, 1)
         result = rundir.read_result(st.name)
         refused = rundir.read_error(st.name) if code == INPUT_ERROR_EXIT else None

@@ -219,3 +219,72 @@ def test_installed_packages_win_over_the_recipe_folder(tmp_path, reward_path):
 
     assert importlib.import_module("json").__name__ == "json"
     assert os.environ[rewards.REWARD_PATH_ENV] == str(tmp_path.resolve())
+
+
+# ---------------------------------------------------------------- kind 4: a step that trains on nothing
+
+
+def test_lost_everything_is_true_only_when_every_reward_lost_every_score():
+    from rewards import lost_everything
+
+    nan, half, fine = bound([math.nan, math.nan], "nan"), bound([math.nan, 1.0], "half"), bound([1.0, 1.0], "fine")
+    assert lost_everything([nan]) is None  # not called since the last check
+    score([nan], [1.0], ["a", "b"], ["x", "y"])
+    assert lost_everything([nan]) is True
+    assert lost_everything([nan]) is None  # the window was reset
+    score([nan, half], [1.0, 1.0], ["a", "b"], ["x", "y"])
+    assert lost_everything([nan, half]) is False  # one score survived: the step has a signal
+    score([nan, fine], [1.0, 1.0], ["a", "b"], ["x", "y"])
+    assert lost_everything([nan, fine]) is False
+    score([bound(RuntimeError("down"), "api")], [1.0], ["a"], ["x"])
+
+
+def stage_context(tmp_path, limit=2):
+    from alignment.stages import StageContext, load_stages
+    from alignment.validate import load_recipe
+
+    load_stages()
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
+    path = write_recipe(tmp_path, "m", {"grpo": {"method": "grpo", "data": ["p"], "rewards": [{"name": "format"}],
+                                                 "max_missing_reward_steps": limit}}, data={"p": {"path": "p.jsonl"}})
+    return StageContext(recipe=load_recipe(path), name="grpo", run_dir=tmp_path / "runs")
+
+
+def test_the_stage_stops_after_max_missing_reward_steps_in_a_row(tmp_path, capsys):
+    from alignment.stages import StageInputError
+
+    ctx = stage_context(tmp_path, limit=2)
+    nan = bound([math.nan] * 2, "nan_reward")
+    ctx.reward_funcs = [nan]
+    score([nan], [1.0], ["a", "b"], ["x", "y"])
+    ctx.check_rewards(1)
+    assert ctx.missing_reward_steps == 1 and "step 1: every reward ('nan_reward') lost every score" in capsys.readouterr().out
+    ctx.check_rewards(2)  # no reward call in step 2 (a reused generation): neither counts nor resets
+    ctx.reward_funcs = [bound([1.0, 1.0], "ok")]
+    score(ctx.reward_funcs, [1.0], ["a", "b"], ["x", "y"])
+    ctx.check_rewards(3)
+    assert ctx.missing_reward_steps == 0  # a step with a signal resets the count
+    ctx.reward_funcs = [nan]
+    for step in (4, 5):
+        score([nan], [1.0], ["a", "b"], ["x", "y"])
+        if step == 5:
+            with pytest.raises(StageInputError, match=r"every reward \('nan_reward'\) lost every score for 2 steps in "
+                                                       r"a row, up to step 5; .* `max_missing_reward_steps` under stages.grpo"):
+                ctx.check_rewards(step)
+        else:
+            ctx.check_rewards(step)
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_counted(tmp_path):
+    import torch
+
+    ctx = stage_context(tmp_path)
+    layer = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in layer.parameters()]
+    (layer(torch.tensor([[1.0, math.nan]])).sum()).backward()
+    assert ctx.skip_nonfinite(list(layer.parameters()), 1) is True
+    optimizer.step()  # grads are None: AdamW leaves the weights alone
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters())) and ctx.skipped_steps == 1
+    layer(torch.tensor([[1.0, 2.0]])).sum().backward()
+    assert ctx.skip_nonfinite(list(layer.parameters()), 2) is False and ctx.skipped_steps == 1
