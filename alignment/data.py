@@ -558,7 +558,7 @@ def count_truncated(tokenizer, max_length: int, datasets_cfg: dict[str, DatasetC
             elif length > max_length:
                 report.add(ref.name, "truncated_partly", loaded.where(i), f"{length} tokens > max_length {max_length}")
     cut, partly = report.rows("truncated") - before[0], report.rows("truncated_partly") - before[1]
-    if cut == total or (bad_row_policy(on_bad_rows, "truncated") == "error" and cut + partly):
+    if (total and cut == total) or (bad_row_policy(on_bad_rows, "truncated") == "error" and cut + partly):
         lines = "\n  ".join(report.lines(TRUNCATION))
         why = "every row loses its whole completion" if cut == total else "on_bad_rows: error"
         raise DataError(f"max_length {max_length}: {why}:\n  {lines}\n  raise `max_length` under the stage's args, "

@@ -140,6 +140,8 @@ class StageConfig(Strict):
     def _names_to_refs(cls, value):
         if isinstance(value, (str, dict)):
             value = [value]
+        if not isinstance(value, list):
+            return value  # pydantic refuses it, with its line
         return [{"name": v} if isinstance(v, str) else v for v in value]
 
 
@@ -365,7 +367,7 @@ def _pydantic_problems(err: ValidationError, lines) -> list[Problem]:
             msg = e["msg"]
             if "input" in e and not isinstance(e["input"], (dict, list)):
                 msg += f" (got {e['input']!r})"
-        problems.append(Problem(path, msg, line_for(lines, path)))
+        problems.append(Problem(path, msg, line_for(lines, path) or 1))  # a missing top-level key: the file's start
     return problems
 
 

@@ -236,12 +236,21 @@ def check_inputs(recipe: Recipe, path: str | Path, *, offline: bool = False):
     problems += model_problems
     for name, st in recipe.stages.items():
         fn = STAGES.get(st.method)
+        if fn.formats and not st.data:
+            problems.append(Problem(("stages", name, "data"), f"stage '{name}' ({st.method}) has no data: add "
+                                    f"`data: [NAME]` naming a dataset under data: (formats: {', '.join(fn.formats)})"))
         for i, ref in enumerate(st.data):
             if offline and is_hub(recipe.data[ref.name]):
                 continue  # `--offline`: hub datasets are named by the CLI, not loaded
             into = DataReport() if ref.name in seen else report  # a dataset two stages use is reported once
             seen.add(ref.name)
-            data = loaded[ref.name] = load(ref.name, recipe.data[ref.name], on_bad_rows=recipe.on_bad_rows, report=into)
+            try:
+                data = loaded[ref.name] = load(ref.name, recipe.data[ref.name], on_bad_rows=recipe.on_bad_rows, report=into)
+            except DataError as err:
+                if Path(recipe.data[ref.name].path).exists():
+                    raise  # the file's own error names its line
+                problems.append(Problem(("data", ref.name, "path"), str(err)))  # not found: the recipe's line
+                continue
             check(data, fn.formats, on_bad_rows=recipe.on_bad_rows, report=into)
             for r in st.rewards:  # TRL-style column parameters, `fn(prompts, completions, answer, **kw)`
                 absent = [c for c in build_reward(r.model_dump()).columns if c not in data.rows[0]]

@@ -33,6 +33,7 @@ from alignment.registry import Registry
 from alignment.rundir import RunDir
 
 STAGES: Registry[Callable] = Registry("stage method")
+FAULT_ENV = "ALIGNKIT_FAULT_KILL_AT"  # test hook: kill the stage process at a point (`StageContext.fault_point`)
 
 
 Defaults = Union[dict[str, Any], Callable[[Recipe, str], dict[str, Any]]]
@@ -179,9 +180,11 @@ class StageContext:
         from alignment.decontam import row_filter
 
         fn = STAGES.get(self.spec.method)
-        return build(self.recipe.data, self.spec.data, formats or fn.formats, seed=self.recipe.seed,
-                     on_bad_rows=self.recipe.on_bad_rows, report=self.data_report, contaminated=row_filter(self.recipe),
-                     decontaminate=self.recipe.decontaminate.action if self.recipe.decontaminate else None)
+        dataset = build(self.recipe.data, self.spec.data, formats or fn.formats, seed=self.recipe.seed,
+                        on_bad_rows=self.recipe.on_bad_rows, report=self.data_report, contaminated=row_filter(self.recipe),
+                        decontaminate=self.recipe.decontaminate.action if self.recipe.decontaminate else None)
+        self.fault_point("data")
+        return dataset
 
     # ------------------------------------------------------------ online RL (grpo, ppo)
 
@@ -281,10 +284,25 @@ class StageContext:
 
     def fault_hook(self, step: int) -> None:
         """Called right after a checkpoint is saved. Test hook: ALIGNKIT_FAULT_KILL_AFTER_SAVE=N kills this
-        process (SIGKILL) once `step` >= N -- how the resume tests cut a stage off mid-run."""
+        process (SIGKILL) once `step` >= N -- how the resume tests cut a stage off mid-run; see also `fault_point`."""
         kill_at = os.environ.get("ALIGNKIT_FAULT_KILL_AFTER_SAVE")
         if kill_at and step >= int(kill_at):
             os.kill(os.getpid(), signal.SIGKILL)
+        self.fault_point("save", step)
+
+    def fault_point(self, point: str, step: Optional[int] = None) -> None:
+        """Test hook of the fault suite: `FAULT_ENV=POINT[@N]` kills this process (SIGKILL) at `point` (at step >= N):
+        `data` once the dataset is built, `save` while checkpoint N is being saved (it is left without its last
+        file, trainer_state.json, as a kill there leaves it), `artifact` with the weights saved but the artifact
+        not yet complete."""
+        from alignment.rundir import CHECKPOINT_STATE
+
+        name, _, at = os.environ.get(FAULT_ENV, "").partition("@")
+        if name != point or (at and (step is None or step < int(at))):
+            return
+        if point == "save":
+            (self.rundir.checkpoint(self.name, step) / CHECKPOINT_STATE).unlink(missing_ok=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------ TRL glue
 
@@ -333,6 +351,7 @@ class StageContext:
             trainer.save_model(str(tmp))  # gathers sharded weights; adapter only for peft models
             if main:
                 tokenizer.save_pretrained(tmp)
+                self.fault_point("artifact")
         trainer.accelerator.wait_for_everyone()
 
     def save_model(self, model, tokenizer, head: str = "causal_lm") -> None:
@@ -340,6 +359,7 @@ class StageContext:
         with self._artifact(head) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            self.fault_point("artifact")
 
 
 def reward_trend(rows: list[dict]) -> dict[str, float]:
