@@ -152,11 +152,11 @@ set -u
 mount -t tmpfs -o size={size} tmpfs "$RUNS" || exit 77
 "$PY" -m alignment.cli run "$RECIPE" --run-dir "$RUNS" > "$LOG1" 2>&1; echo "rc1=$?"
 cat "$RUNS/t/sft/manifest.json" 2>/dev/null | tr -d '\\n'; echo
-ls "$RUNS/t/sft"
+ls "$RUNS/t/sft" | tr "\\n" " "; echo
 mount -o remount,size=256m "$RUNS"
 "$PY" -m alignment.cli run "$RECIPE" --run-dir "$RUNS" > "$LOG2" 2>&1; echo "rc2=$?"
 cat "$RUNS/t/sft/manifest.json" | tr -d '\\n'; echo
-ls "$RUNS/t/sft"
+ls "$RUNS/t/sft" | tr "\\n" " "; echo
 """
 
 
