@@ -232,7 +232,7 @@ def check_inputs(recipe: Recipe, path: str | Path, *, offline: bool = False):
     from alignment.data import DataError, DataReport, check, is_hub, load
 
     problems, report, seen, loaded = [], DataReport(), set(), {}
-    folder, model_problems = model_folder(recipe.model.name_or_path, revision=recipe.model.revision)
+    folder, model_problems = model_folder(recipe.model.name_or_path, revision=recipe.model.revision, offline=offline)
     problems += model_problems
     for name, st in recipe.stages.items():
         fn = STAGES.get(st.method)
@@ -263,7 +263,7 @@ def check_inputs(recipe: Recipe, path: str | Path, *, offline: bool = False):
                     f"{recipe.model.name_or_path} has no chat template; use a model with one (an instruct/chat "
                     f"checkpoint), add `chat_template` to its tokenizer_config.json, or give `text` / plain-string "
                     f"prompt and completion rows")))
-    problems += _check_eval_data(recipe, loaded)
+    problems += _check_eval_data(recipe, loaded, offline=offline)
     if not problems and folder:
         _check_lengths(recipe, folder, report)
     if problems:
@@ -274,11 +274,13 @@ def check_inputs(recipe: Recipe, path: str | Path, *, offline: bool = False):
     return report
 
 
-def model_folder(name_or_path: str, *, revision: Optional[str] = None) -> tuple[Optional[Path], list[Problem]]:
+def model_folder(name_or_path: str, *, revision: Optional[str] = None,
+                 offline: bool = False) -> tuple[Optional[Path], list[Problem]]:
     """The local folder of the recipe's model without loading it -- a local folder, a converted bundled model or
     the hub cache -- or None where it can only be known by downloading; with the problems found: a path that is
     not a folder, a model the hub cache lacks while offline (`HF_HUB_OFFLINE`) or the hub cannot be reached, a
-    folder without config.json or without tokenizer files."""
+    folder without config.json or without tokenizer files. `offline` (`validate --offline`): a hub id the cache
+    lacks is taken as given."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     key = ("model", "name_or_path")
@@ -295,6 +297,8 @@ def model_folder(name_or_path: str, *, revision: Optional[str] = None) -> tuple[
         cached = try_to_load_from_cache(name_or_path, "config.json", revision=revision)
         if isinstance(cached, str):
             path = Path(cached).parent
+        elif offline:  # `validate --offline`: a hub model is named, not looked up
+            return None, []
         elif constants.is_offline_mode():
             return None, [Problem(key, f"'{name_or_path}' is not a local folder, and the hub is not reachable "
                                        f"(HF_HUB_OFFLINE is set) and has not cached it; give a local model folder "
@@ -341,13 +345,16 @@ def _has_chat_template(folder: Path) -> bool:
     return bool(config.get("chat_template"))
 
 
-def _check_eval_data(recipe: Recipe, loaded: dict) -> list[Problem]:
-    """Each eval's dataset loads and has the rows and columns its task reads (`evals.check_task_data`)."""
-    from alignment.data import DataError, load
+def _check_eval_data(recipe: Recipe, loaded: dict, *, offline: bool = False) -> list[Problem]:
+    """Each eval's dataset loads and has the rows and columns its task reads (`evals.check_task_data`);
+    `offline`: hub datasets are not loaded."""
+    from alignment.data import DataError, is_hub, load
 
     problems = []
     for i, ev in enumerate(recipe.evals):
-        if ev.data is None or ev.task not in TASKS:
+        if ev.data is None or ev.task not in TASKS or ev.data not in recipe.data:
+            continue
+        if offline and is_hub(recipe.data[ev.data]):
             continue
         try:
             data = loaded.get(ev.data) or load(ev.data, recipe.data[ev.data])
