@@ -25,50 +25,31 @@ def _load(path: Path, *, check_data: bool = False, offline: bool = False):
     """Load a recipe; on a bad recipe or bad data print one clear error and exit 2."""
     from alignment.data import DataError
     from alignment.recipe import RecipeError
-    from alignment.validate import load_recipe
+    from alignment.validate import check_inputs, load_recipe
 
     from rewards import add_recipe_folder
 
     add_recipe_folder(path.parent)  # user rewards beside the recipe import, here and in stage processes
     try:
         recipe = load_recipe(path)
-        if check_data:
-            check_data_of(recipe, offline=offline)
+        if check_data:  # every row, the model folder, the chat template, what max_length cuts: no model loads
+            for line in check_inputs(recipe, path, offline=offline).lines():
+                console.print(f"data: {line}", style="yellow", markup=False, soft_wrap=True)
+            for name in hub_datasets(recipe) if offline else []:
+                console.print(f"data: dataset '{name}' is the hub dataset {recipe.data[name].path}: rows not checked "
+                              f"(--offline)", style="yellow", markup=False, soft_wrap=True)
         return recipe
     except (RecipeError, DataError) as e:
         err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
-def check_data_of(recipe, *, offline: bool = False) -> None:
-    """Load every dataset a stage uses, check all rows against the stage's formats (`on_bad_rows`)
-    and print what would be dropped, retyped or split (`alignment.data.DataReport`). `offline`: hub
-    datasets are named, not loaded (local files are checked all the same)."""
-    from alignment.data import DataError, DataReport, check, is_hub, load
-    from alignment.stages import STAGES
-    from rewards import build_reward
+def hub_datasets(recipe) -> list[str]:
+    """Names of the hub datasets the recipe's stages use (`--offline` names them instead of loading them)."""
+    from alignment.data import is_hub
 
-    report, seen = DataReport(), set()
-    for name, st in recipe.stages.items():
-        fn = STAGES.get(st.method)
-        for ref in st.data:
-            if offline and is_hub(recipe.data[ref.name]):
-                if ref.name not in seen:
-                    console.print(f"data: dataset '{ref.name}' is the hub dataset {recipe.data[ref.name].path}: "
-                                  f"rows not checked (--offline)", style="yellow", markup=False, soft_wrap=True)
-                seen.add(ref.name)
-                continue
-            into = DataReport() if ref.name in seen else report  # a dataset two stages use is reported once
-            seen.add(ref.name)
-            loaded = load(ref.name, recipe.data[ref.name], on_bad_rows=recipe.on_bad_rows, report=into)
-            check(loaded, fn.formats, on_bad_rows=recipe.on_bad_rows, report=into)
-            for r in st.rewards:  # TRL-style column parameters, `fn(prompts, completions, answer, **kw)`
-                absent = [c for c in build_reward(r.model_dump()).columns if c not in loaded.rows[0]]
-                if absent:
-                    raise DataError(f"{loaded.where(0)}: reward '{r.name}' of stage '{name}' reads column(s) {absent}, "
-                                    f"which dataset '{ref.name}' does not have (columns: {sorted(loaded.rows[0])})")
-    for line in report.lines():
-        console.print(f"data: {line}", style="yellow", markup=False, soft_wrap=True)
+    used = dict.fromkeys(ref.name for st in recipe.stages.values() for ref in st.data)
+    return [name for name in used if is_hub(recipe.data[name])]
 
 
 @app.command()
@@ -88,6 +69,7 @@ def run(
     import os
 
     from alignment.pipeline import Machines, Pipeline, RunLocked, StageFailed
+    from alignment.rundir import DiskFull
 
     rec = _load(recipe, check_data=True)
     if stage is not None and stage not in rec.stages:
@@ -111,7 +93,10 @@ def run(
         err.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(1) from None
     except StageFailed as e:
-        err.print(f"[bold red]error:[/] {e}")
+        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except DiskFull as e:
+        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: `alignkit run` again resumes from the last checkpoint")

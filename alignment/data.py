@@ -53,6 +53,7 @@ CHANGES: dict[str, str] = {
     "overlapping": "shares an n-gram with an eval set, kept (decontaminate: warn)",
 }
 EXAMPLES = 3  # file:line examples kept per dataset and kind
+TRUNCATION = ("truncated", "truncated_partly")
 
 
 @dataclass
@@ -75,10 +76,10 @@ class DataReport:
         """Rows of `kind` over all datasets."""
         return sum(c.get(kind, 0) for c in self.counts.values())
 
-    def lines(self) -> list[str]:
+    def lines(self, kinds: tuple[str, ...] = tuple(CHANGES)) -> list[str]:
         out = []
         for dataset, counts in self.counts.items():
-            for kind, n in counts.items():
+            for kind, n in ((k, n) for k, n in counts.items() if k in kinds):
                 shown = "; ".join(self.examples[dataset][kind])
                 out.append(f"dataset '{dataset}': {n} row(s) {kind} -- {CHANGES[kind]}; e.g. {shown}")
         return out
@@ -240,6 +241,8 @@ def load(name: str, cfg: DatasetConfig, *, on_bad_rows: Optional[str] = None,
     path = Path(cfg.path)
     if not is_hub(cfg) and not path.exists():
         raise DataError(f"dataset '{name}': file not found: {path}")
+    if path.suffix in (".jsonl", ".json", ".csv") and not path.read_bytes().strip():
+        raise DataError(f"dataset '{name}' ({path}) has no rows: the file is empty")
     if path.suffix == ".jsonl" or (path.suffix == ".json" and _looks_like_jsonl(path)):
         rows, lines = _read_jsonl(path)
         where = lambda i: f"{path}:{lines[i]}"  # noqa: E731
@@ -532,25 +535,18 @@ def completion_span(row: dict, tokenizer) -> tuple[int, int]:
     return min(s for s, _ in spans), max(n for _, n in spans)
 
 
-def check_truncation(dataset, tokenizer, max_length: Optional[int], datasets_cfg: dict[str, DatasetConfig],
-                     refs: list[DataRef], accept: tuple[str, ...], *, on_bad_rows: Optional[str] = None,
-                     report: Optional[DataReport] = None):
-    """Count, per dataset, the rows whose completion `max_length` (keep the first tokens, TRL's
-    default) cuts away completely (`truncated`) or partly (`truncated_partly`), print the counts with
-    file:line, and apply `on_bad_rows` (default warn): error stops on any cut row, drop leaves out
-    the completely cut ones from `dataset` (rows of `build(datasets_cfg, refs, accept)`).
-
-    Returns:
-        `dataset`, without the completely cut rows under `on_bad_rows: drop`.
+def count_truncated(tokenizer, max_length: int, datasets_cfg: dict[str, DatasetConfig], refs: list[DataRef],
+                    accept: tuple[str, ...], *, on_bad_rows: Optional[str] = None, report: Optional[DataReport] = None) -> None:
+    """Count, per dataset, the rows whose completion `max_length` (keep the first tokens, TRL's default) cuts
+    away completely (`truncated`) or partly (`truncated_partly`) into `report`, with file:line. Needs only the
+    tokenizer: `validate` runs it before any model loads, the stage again (`check_truncation`).
 
     Raises:
         DataError: every row loses its whole completion (whatever the policy: nothing would train),
             or any row is cut under `on_bad_rows: error`.
     """
-    if max_length is None:
-        return dataset
     report = DataReport() if report is None else report
-    total = 0
+    before, total = (report.rows("truncated"), report.rows("truncated_partly")), 0
     for ref in refs:
         loaded = load(ref.name, datasets_cfg[ref.name], on_bad_rows=on_bad_rows)
         check(loaded, accept, on_bad_rows=on_bad_rows)
@@ -561,15 +557,32 @@ def check_truncation(dataset, tokenizer, max_length: Optional[int], datasets_cfg
                 report.add(ref.name, "truncated", loaded.where(i), f"prompt of {start} tokens >= max_length {max_length}")
             elif length > max_length:
                 report.add(ref.name, "truncated_partly", loaded.where(i), f"{length} tokens > max_length {max_length}")
-    cut, partly = report.rows("truncated"), report.rows("truncated_partly")
-    policy = bad_row_policy(on_bad_rows, "truncated")
-    if cut == total or (policy == "error" and cut + partly):
-        lines = "\n  ".join(report.lines())
+    cut, partly = report.rows("truncated") - before[0], report.rows("truncated_partly") - before[1]
+    if (total and cut == total) or (bad_row_policy(on_bad_rows, "truncated") == "error" and cut + partly):
+        lines = "\n  ".join(report.lines(TRUNCATION))
         why = "every row loses its whole completion" if cut == total else "on_bad_rows: error"
         raise DataError(f"max_length {max_length}: {why}:\n  {lines}\n  raise `max_length` under the stage's args, "
                         f"or shorten the prompts")
-    for line in report.lines():
+
+
+def check_truncation(dataset, tokenizer, max_length: Optional[int], datasets_cfg: dict[str, DatasetConfig],
+                     refs: list[DataRef], accept: tuple[str, ...], *, on_bad_rows: Optional[str] = None,
+                     report: Optional[DataReport] = None):
+    """`count_truncated`, then print the counts with file:line and apply `on_bad_rows` (default warn): drop
+    leaves out the completely cut rows from `dataset` (rows of `build(datasets_cfg, refs, accept)`).
+
+    Returns:
+        `dataset`, without the completely cut rows under `on_bad_rows: drop`.
+
+    Raises:
+        DataError: see `count_truncated`.
+    """
+    if max_length is None:
+        return dataset
+    report = DataReport() if report is None else report
+    count_truncated(tokenizer, max_length, datasets_cfg, refs, accept, on_bad_rows=on_bad_rows, report=report)
+    for line in report.lines(TRUNCATION):
         print(f"alignkit: max_length {max_length}: {line}", flush=True)
-    if policy == "drop" and cut:
+    if bad_row_policy(on_bad_rows, "truncated") == "drop" and report.rows("truncated"):
         dataset = dataset.filter(lambda row: completion_span(row, tokenizer)[0] < max_length)
     return dataset

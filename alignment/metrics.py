@@ -33,6 +33,7 @@ METRICS: dict[str, Metric] = {
     "aux_loss": Metric("auxiliary loss (mixture-of-experts load balancing)", "loss", "loss"),
     "grad_norm": Metric("gradient norm before clipping, all trainable parameters", "L2 norm", "grad norm"),
     "learning_rate": Metric("learning rate of the step (the policy's, for ppo)", "lr", "learning rate"),
+    "skipped_steps": Metric("optimizer steps skipped so far because the loss or gradients were not finite", "steps"),
     "epoch": Metric("passes over the training data so far", "epochs"),
     "num_tokens": Metric("training tokens seen so far", "tokens"),
     "entropy": Metric("mean entropy of the model's next-token distribution on the training tokens", "nats/token",

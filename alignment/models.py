@@ -72,7 +72,7 @@ def bundled_path(name: str) -> Path:
     target = cache_dir() / "bundled" / name
     if (target / "config.json").exists():
         return target
-    with file_lock(target.with_suffix(".lock")):
+    with file_lock(target.with_suffix(".lock")), keep_rng():
         if not (target / "config.json").exists():
             _convert_gguf(spec, target)
     return target
@@ -106,6 +106,43 @@ def _convert_gguf(spec: BundledModel, target: Path) -> None:
     fresh.to(torch.bfloat16).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def keep_rng():
+    """Run a block without touching the caller's torch random streams (CPU and every CUDA device): building a
+    model only sometimes -- a merged base or a bundled model made on first use -- must not shift the stream a
+    stage draws from, or a rerun would differ from the first run."""
+    import torch
+
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        yield
+
+
+DIGEST_WHOLE_BYTES = 1 << 20  # files up to this size (configs, tokenizers) are hashed whole
+
+
+def model_digest(name_or_path: str) -> str:
+    """What a stage fingerprint records of a starting model: for a local folder a digest of its contents -- every
+    file up to `DIGEST_WHOLE_BYTES` (config, tokenizer, chat template) whole, larger ones (weights) by name, size
+    and their first and last `DIGEST_WHOLE_BYTES` (the safetensors header and the tail of the tensor data), so
+    fine-tuned weights of the same shapes differ without reading gigabytes; hub ids and bundled models as given
+    (their revision / wheel version pins them)."""
+    import hashlib
+
+    folder = Path(name_or_path)
+    if name_or_path.startswith("bundled:") or not folder.is_dir():
+        return name_or_path
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        size = path.stat().st_size
+        h.update(f"{path.relative_to(folder)}:{size}\n".encode())
+        with open(path, "rb") as fh:
+            h.update(fh.read(DIGEST_WHOLE_BYTES))
+            if size > DIGEST_WHOLE_BYTES:
+                fh.seek(max(DIGEST_WHOLE_BYTES, size - DIGEST_WHOLE_BYTES))
+                h.update(fh.read())
+    return "sha256:" + h.hexdigest()[:16]
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -238,7 +275,26 @@ def read_artifact(folder: Path) -> dict:
     meta = Path(folder) / ARTIFACT_FILE
     if not meta.exists():
         return {"kind": "full", "base": None, "head": "causal_lm"}
-    return json.loads(meta.read_text())
+    out = json.loads(meta.read_text())
+    if (out.get("base") or "").startswith(RELATIVE):  # a base in the same run directory (`portable_path`)
+        out["base"] = str((Path(folder) / out["base"]).resolve())
+    return out
+
+
+RELATIVE = ("./", "../")  # how a path recorded relative to its file starts (hub ids never do)
+
+
+def portable_path(path: Optional[str], folder: Path, root: Path) -> Optional[str]:
+    """`path` as recorded in a file of `folder`: relative to `folder` (`../../sft/merged`) when it lies inside
+    `root` (the run directory), so a moved or copied run directory keeps its lineage; else as given (a hub id,
+    a model folder outside the run)."""
+    if not path or not Path(path).is_absolute():
+        return path
+    try:
+        Path(path).resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        return path
+    return os.path.relpath(Path(path).resolve(), Path(folder).resolve())
 
 
 def merge_adapter(adapter_dir: Path):
@@ -249,9 +305,13 @@ def merge_adapter(adapter_dir: Path):
     from peft import PeftModel
 
     meta = read_artifact(adapter_dir)
-    base = getattr(transformers, HEADS[meta["head"]]).from_pretrained(meta["base"], dtype=torch.float32,
-                                                                    **HEAD_KWARGS.get(meta["head"], {}))
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    if Path(meta["base"]).is_absolute() and not Path(meta["base"]).is_dir():  # not a hub id: a folder that is gone
+        raise FileNotFoundError(f"{adapter_dir}: the adapter's base {meta['base']} (recorded in {ARTIFACT_FILE}) "
+                                f"is not there")
+    with keep_rng():  # peft initialises the adapter layers randomly before loading them
+        base = getattr(transformers, HEADS[meta["head"]]).from_pretrained(meta["base"], dtype=torch.float32,
+                                                                        **HEAD_KWARGS.get(meta["head"], {}))
+        model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     tokenizer = load_tokenizer(str(adapter_dir))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -29,6 +29,7 @@ from typing import Optional
 
 from alignment.recipe import BASE, Recipe, stage_dependencies
 from alignment.rundir import RunDir
+from alignment.stage import INPUT_ERROR_EXIT
 from alignment.stages import effective_args
 
 VERSIONED = ("torch", "transformers", "trl", "peft")
@@ -39,7 +40,12 @@ class RunLocked(RuntimeError):
 
 
 class StageFailed(RuntimeError):
-    """A stage's child process exited non-zero."""
+    """A stage's child process exited non-zero; `exit_code` is what `alignkit run` exits with: 1, or 2 when the
+    stage refused its recipe or data (a rerun would stop the same way)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # ---------------------------------------------------------------- lock
@@ -114,19 +120,22 @@ def versions() -> dict[str, str]:
 
 def stage_inputs(recipe: Recipe, name: str, fingerprints: dict[str, str]) -> dict:
     """Everything that determines a stage's result; its hash is the stage's fingerprint. `args` are the
-    effective ones (registered defaults included), so changing a default reruns the stage."""
+    effective ones (registered defaults included), so changing a default reruns the stage. A stage from `base`
+    records its model's contents (`models.model_digest`: config, tokenizer, weights), not its location."""
     from alignment.data import dataset_digest
+    from alignment.models import model_digest
 
     st = recipe.stages[name]
     dropped = recipe.decontaminate is not None and recipe.decontaminate.action == "drop"
+    model, digest = recipe.stage_model(name), model_digest(recipe.model.name_or_path)
     return {
         **({"decontaminate": {"ngram": recipe.decontaminate.ngram,  # what is dropped depends on the eval sets too
                               "evals": {n: dataset_digest(recipe.data[n]) for n in sorted({e.data for e in recipe.evals if e.data})}}}
            if dropped else {}),
         "method": st.method,
         "from": st.from_,
-        "from_fingerprint": fingerprints.get(st.from_) if st.from_ != BASE else recipe.model.name_or_path,
-        "model": recipe.stage_model(name).model_dump(mode="json"),
+        "from_fingerprint": fingerprints.get(st.from_) if st.from_ != BASE else digest,
+        "model": model.model_dump(mode="json", exclude={"name_or_path"} if digest != model.name_or_path else None),
         "data": {r.name: {"weight": r.weight, "digest": dataset_digest(recipe.data[r.name])} for r in st.data},
         "args": effective_args(recipe, name),
         "rewards": [r.model_dump(mode="json") for r in st.rewards],
@@ -313,9 +322,20 @@ class Pipeline:
         verb = "resuming" if resumed else "running"
         self.console.print(f"[bold cyan]▶[/] {verb} {st.name} ({st.method}, from {self.recipe.stages[st.name].from_})")
         start = time.time()
-        code = self._launch(st.name)
+        try:
+            code = self._launch(st.name)
+        except BaseException:  # Ctrl-C, or this process failing: the manifest must not go on saying running
+            manifest.update(status="failed", seconds=round(time.time() - start, 1), error="interrupted")
+            with contextlib.suppress(OSError):
+                rundir.write_manifest(st.name, manifest)
+            raise
         seconds = round(time.time() - start, 1)
         result = rundir.read_result(st.name)
+        refused = rundir.read_error(st.name) if code == INPUT_ERROR_EXIT else None
+        if refused is not None:  # the recipe or data: nothing a rerun could resume
+            manifest.update(status="failed", exit_code=code, seconds=seconds, error=refused)
+            rundir.write_manifest(st.name, manifest)
+            raise StageFailed(f"stage '{st.name}' stopped: {refused}", exit_code=INPUT_ERROR_EXIT)
         if code != 0 or result is None or not rundir.model_dir(st.name).is_dir():
             manifest.update(status="failed", exit_code=code, seconds=seconds)
             rundir.write_manifest(st.name, manifest)

@@ -17,7 +17,7 @@ from typing import Any, Container, Literal, Optional, Union, get_args, get_origi
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from alignment.registry import did_you_mean
+from alignment.registry import closest, did_you_mean
 
 BASE = "base"  # the name of the starting model in `from:` and in eval stage lists
 
@@ -132,6 +132,9 @@ class StageConfig(Strict):
     args: dict[str, Any] = Field(default_factory=dict, description="passed to the method's TRL config (SFTConfig, DPOConfig, ...)")
     model: Optional[ModelOverride] = Field(None, description="override parts of the recipe's model for this stage")
     rewards: list[RewardSpec] = Field(default_factory=list, description="reward functions (grpo, ppo)")
+    max_missing_reward_steps: int = Field(3, ge=1, description=(
+        "grpo, ppo: stop the stage (exit 2, naming the rewards and the step) after this many steps in a row in "
+        "which every reward lost every score (NaN, inf, not a number, raised): such a step trains on nothing"))
     rollout: Optional[RolloutConfig] = Field(None, description="generation settings (grpo, ppo)")
     launch: Optional[LaunchConfig] = Field(None, description="override the recipe's launch for this stage")
     teacher: Optional[str] = Field(None, description=(
@@ -145,6 +148,8 @@ class StageConfig(Strict):
     def _names_to_refs(cls, value):
         if isinstance(value, (str, dict)):
             value = [value]
+        if not isinstance(value, list):
+            return value  # pydantic refuses it, with its line
         return [{"name": v} if isinstance(v, str) else v for v in value]
 
 
@@ -353,20 +358,30 @@ def _valid_keys(path: tuple) -> list[str]:
 
 
 def _pydantic_problems(err: ValidationError, lines) -> list[Problem]:
+    """One Problem per error, except that a required key reported missing beside an unknown key that is its
+    misspelling (`stagse:` for `stages:`) is one problem: the unknown key, with its line and the closest name."""
+    errors = [(e, _error_path(e)) for e in err.errors()]
+    misspelt = {path[:-1] + (closest(str(path[-1]), _valid_keys(path)),) for e, path in errors if e["type"] == "extra_forbidden"}
     problems = []
-    for e in err.errors():
-        path = tuple(x for x in e["loc"] if not (isinstance(x, str) and x[:1].isupper() and "[" in x or x in ("function-after", "function-before")))
+    for e, path in errors:
         if e["type"] == "extra_forbidden":
             key = path[-1]
             msg = f"unknown key '{key}'{did_you_mean(str(key), _valid_keys(path))}"
         elif e["type"] == "missing":
+            if path in misspelt:
+                continue
             msg = f"missing required key '{path[-1]}'"
         else:
             msg = e["msg"]
             if "input" in e and not isinstance(e["input"], (dict, list)):
                 msg += f" (got {e['input']!r})"
-        problems.append(Problem(path, msg, line_for(lines, path)))
+        problems.append(Problem(path, msg, line_for(lines, path) or 1))  # a missing top-level key: the file's start
     return problems
+
+
+def _error_path(error: dict) -> tuple:
+    """A pydantic error's `loc` without its validator and union-member parts: the recipe's key path."""
+    return tuple(x for x in error["loc"] if not (isinstance(x, str) and x[:1].isupper() and "[" in x or x in ("function-after", "function-before")))
 
 
 # ---------------------------------------------------------------- parsing

@@ -4,6 +4,7 @@
     .lock                    held by the `alignkit run` using the directory
     STAGE/manifest.json      status (running | done | failed), fingerprint, inputs, trainer config, metrics
     STAGE/result.json        what the stage's process reports back: final metrics, info, trainer config
+    STAGE/error.json         what the stage's process refused (its recipe or data), when it did
     STAGE/checkpoints/       trainer checkpoints (`checkpoint-STEP`, HF Trainer's naming), used to resume
     STAGE/model/             the artifact: adapter or full weights + tokenizer + alignkit_model.json
     STAGE/merged/            an adapter artifact merged into its base, made once on first use
@@ -19,6 +20,7 @@ are loaded and adapters merged is `alignment.models`'s business.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -28,10 +30,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
-from alignment.models import ARTIFACT_FILE, file_lock, merge_adapter, read_artifact, resolve_model_path
+from alignment.models import ARTIFACT_FILE, file_lock, merge_adapter, portable_path, read_artifact, resolve_model_path
 from alignment.recipe import BASE, Recipe, dump_recipe, parse_resolved
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+MANIFEST_ESSENTIALS = ("stage", "method", "status", "fingerprint", "exit_code", "error")  # what a full disk keeps
+
+
+class DiskFull(OSError):
+    """No space left (or the quota is reached) while writing into the run directory: one line for the CLI."""
+
+    def __init__(self, path: Path, cause: OSError):
+        super().__init__(cause.errno, cause.strerror, str(path))
+
+    def __str__(self) -> str:
+        return (f"no space left on the device while writing {self.filename} ({self.strerror}); free some space and "
+                f"run again: done stages are kept and a cut-off stage resumes from its last complete checkpoint")
 
 
 def read_json(path: Path) -> Optional[dict]:
@@ -42,23 +57,36 @@ def read_json(path: Path) -> Optional[dict]:
         return None
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON so that readers see the old file or the new one, never half of one."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see the old file or the new one, never half of one.
+
+    Raises:
+        DiskFull: no space left (the old file, if any, is untouched).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=1, default=str)
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in DISK_FULL:
+            raise DiskFull(path, err) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)  # only left when writing failed
     with contextlib.suppress(OSError):
         dirfd = os.open(path.parent, os.O_RDONLY)
         os.fsync(dirfd)
         os.close(dirfd)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """`write_text_atomic` of `obj` as indented JSON."""
+    write_text_atomic(path, json.dumps(obj, indent=1, default=str))
 
 
 @contextlib.contextmanager
@@ -70,18 +98,37 @@ def artifact_writer(out: Path, *, kind: str, base: Optional[str], head: str, mai
     Args:
         out: the artifact folder (e.g. `STAGE/model`).
         kind: "adapter" (a peft adapter over `base`) or "full" (all weights).
-        base: full-weights folder or hub id the adapter was trained on.
+        base: full-weights folder or hub id the adapter was trained on; a folder in the same run directory
+            (`out` is `RUN/STAGE/model`) is recorded relative to `out` (`models.portable_path`), here and in peft's
+            adapter_config.json, so a moved or copied run directory keeps its lineage.
         head: "causal_lm" or "sequence_classification" (a reward model).
     """
     tmp = out.with_name(out.name + ".tmp")
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    yield tmp
-    if main:
-        (tmp / ARTIFACT_FILE).write_text(json.dumps({"kind": kind, "base": base, "head": head}, indent=1))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+    try:
+        yield tmp
+        if main:
+            _finish_artifact(tmp, out, kind=kind, base=base, head=head)
+    except BaseException:
+        if main:  # a save cut off (a full disk, an error): leave nothing half-written, and free its space
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _finish_artifact(tmp: Path, out: Path, *, kind: str, base: Optional[str], head: str) -> None:
+    """Record the lineage (`portable_path`, also in peft's adapter_config.json), then rename `tmp` to `out`."""
+    root = out.parent.parent
+    adapter_config = tmp / "adapter_config.json"
+    if adapter_config.exists():
+        config = json.loads(adapter_config.read_text())
+        config["base_model_name_or_path"] = portable_path(config.get("base_model_name_or_path"), out, root=root)
+        adapter_config.write_text(json.dumps(config, indent=2))
+    meta = {"kind": kind, "base": portable_path(base, out, root=root), "head": head}
+    (tmp / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
 
 
 def full_weights(model_dir: Path) -> Path:
@@ -157,8 +204,7 @@ class RunDir:
     # ------------------------------------------------------------ recipe, manifest, result, evals
 
     def write_recipe(self, recipe: Recipe) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.recipe_file.write_text(dump_recipe(recipe))
+        write_text_atomic(self.recipe_file, dump_recipe(recipe))
 
     def read_recipe(self) -> Recipe:
         return parse_resolved(self.recipe_file.read_text())
@@ -167,7 +213,35 @@ class RunDir:
         return read_json(self._manifest_file(name))
 
     def write_manifest(self, name: str, manifest: dict) -> None:
-        write_json_atomic(self._manifest_file(name), manifest)
+        """Write STAGE/manifest.json atomically; paths into the run directory are stored relative to it.
+
+        On a full disk (no room for the temp file) the file is overwritten in place with its essentials -- stage,
+        method, status, fingerprint, exit code, error -- which fit in the blocks the old one holds, so it never
+        goes on saying `running` and a rerun still resumes under the same fingerprint; then the error is raised.
+
+        Raises:
+            DiskFull: the disk (or quota) is full.
+        """
+        try:
+            write_json_atomic(self._manifest_file(name), self.relative(manifest))
+        except DiskFull:
+            essentials = {k: manifest[k] for k in MANIFEST_ESSENTIALS if k in manifest}
+            with contextlib.suppress(OSError), open(self._manifest_file(name), "r+") as fh:
+                fh.write(json.dumps(essentials, default=str))
+                fh.truncate()
+            raise
+
+    def relative(self, obj):
+        """`obj` (JSON-like) with every string that is a path into the run directory made relative to it, so a
+        moved or copied run directory names no old location."""
+        if isinstance(obj, dict):
+            return {k: self.relative(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self.relative(v) for v in obj]
+        root = str(self.path.resolve())
+        if isinstance(obj, str) and (obj == root or obj.startswith(root + os.sep)):
+            return os.path.relpath(obj, root)
+        return obj
 
     def done(self, name: str) -> Optional[dict]:
         """The stage's manifest when it says done and the artifact is present, else None."""
@@ -180,10 +254,22 @@ class RunDir:
         return read_json(self._result_file(name))
 
     def write_result(self, name: str, result: dict) -> None:
-        write_json_atomic(self._result_file(name), result)
+        write_json_atomic(self._result_file(name), self.relative(result))
 
     def clear_result(self, name: str) -> None:
+        """Remove what a previous attempt of the stage reported (result.json, error.json)."""
         self._result_file(name).unlink(missing_ok=True)
+        self._error_file(name).unlink(missing_ok=True)
+
+    def _error_file(self, name: str) -> Path:
+        return self.stage_dir(name) / "error.json"
+
+    def write_error(self, name: str, message: str) -> None:
+        """What the stage's process refused (its recipe or data), for the orchestrator's manifest."""
+        write_json_atomic(self._error_file(name), {"error": message})
+
+    def read_error(self, name: str) -> Optional[str]:
+        return (read_json(self._error_file(name)) or {}).get("error")
 
     def read_evals(self, stage: str) -> Optional[dict]:
         return read_json(self.eval_file(stage))

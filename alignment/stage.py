@@ -4,12 +4,17 @@ The orchestrator (pipeline.py) starts it plainly, or once per rank under `torch.
 `accelerate launch`; it reads the resolved recipe from the run directory, runs the registered method
 and, on the main process (global rank 0), writes STAGE/result.json. The manifest stays the
 orchestrator's to write.
+A stage that refuses its recipe or data (`DataError`, `RecipeError`, `StageInputError`) prints one line, writes
+STAGE/error.json and exits 2: the orchestrator then fails the run with exit 2 and no advice to rerun.
 """
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
+
+
+INPUT_ERROR_EXIT = 2  # the stage refused its recipe or data (the CLI's exit code for those); 1: anything else
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,9 +33,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
+    from alignment.data import DataError
+    from alignment.recipe import RecipeError
     from alignment.rundir import RunDir
+    from alignment.stages import StageInputError
     from alignment.stages import STAGES, StageContext, load_stages
 
+    INPUT_ERRORS = (DataError, RecipeError, StageInputError)
     transformers.logging.set_verbosity_warning()
     recipe = RunDir(run_dir).read_recipe()
     load_stages()
@@ -41,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     ctx.rundir.stage_dir(name).mkdir(parents=True, exist_ok=True)
     try:
         result = STAGES.get(recipe.stages[name].method)(ctx)
+    except INPUT_ERRORS as err:  # the recipe or data: a rerun would fail the same way
+        print(f"alignkit: error: stage '{name}': {err}", file=sys.stderr, flush=True)
+        ctx.rundir.write_error(name, str(err))
+        return INPUT_ERROR_EXIT
     finally:
         ctx.finish_tracking()
     if ctx.is_main_process:

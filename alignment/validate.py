@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import graphlib
+import json
+import os
 import re
 import types
 import typing
 from pathlib import Path
+from typing import Optional
 
 from alignment.recipe import BASE, Problem, Recipe, RecipeError, RolloutConfig, line_for, parse_recipe
 from alignment.registry import did_you_mean
 from alignment.stages import STAGES, load_stages
 from alignment.tracking import missing_packages
-from evals import TASKS, check_task_args
+from evals import TASKS, check_task_args, check_task_data
 from rewards import build_reward
 
 # Keys alignkit sets itself; a recipe setting them would be silently overridden.
@@ -260,3 +263,175 @@ def _check_plugins(recipe: Recipe) -> list[Problem]:
         else:
             problems += [Problem(("evals", i, "args"), msg) for msg in check_task_args(ev.task, ev.args, has_data=ev.data is not None)]
     return problems
+
+
+# ---------------------------------------------------------------- data and model, before any model loads
+
+# Files one of which a tokenizer folder holds (fast tokenizers, sentencepiece, BPE and WordPiece vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt")
+CHAT_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected")  # columns that may hold a conversation
+
+
+def check_inputs(recipe: Recipe, path: str | Path, *, offline: bool = False):
+    """What `validate` (and `run`, before any stage starts) checks beyond the recipe file, reading files only:
+    every dataset a stage uses row by row against the stage's formats (`on_bad_rows`), the columns its rewards
+    and evals read, the model folder (config and tokenizer files, or the hub when offline), a chat template
+    for conversational data, and the rows an SFT `max_length` cuts (with the tokenizer, no model).
+
+    Returns:
+        The `alignment.data.DataReport` of rows dropped, retyped, split or truncated.
+
+    Raises:
+        RecipeError: model or data that does not fit the recipe, with file:line and key.
+        DataError: a dataset that cannot be used, with its file:line.
+    """
+    from alignment.data import DataError, DataReport, check, is_hub, load
+
+    problems, report, seen, loaded = [], DataReport(), set(), {}
+    folder, model_problems = model_folder(recipe.model.name_or_path, revision=recipe.model.revision, offline=offline)
+    problems += model_problems
+    for name, st in recipe.stages.items():
+        fn = STAGES.get(st.method)
+        if fn.formats and not st.data:
+            problems.append(Problem(("stages", name, "data"), f"stage '{name}' ({st.method}) has no data: add "
+                                    f"`data: [NAME]` naming a dataset under data: (formats: {', '.join(fn.formats)})"))
+        for i, ref in enumerate(st.data):
+            if offline and is_hub(recipe.data[ref.name]):
+                continue  # `--offline`: hub datasets are named by the CLI, not loaded
+            into = DataReport() if ref.name in seen else report  # a dataset two stages use is reported once
+            seen.add(ref.name)
+            try:
+                data = loaded[ref.name] = load(ref.name, recipe.data[ref.name], on_bad_rows=recipe.on_bad_rows, report=into)
+            except DataError as err:
+                if Path(recipe.data[ref.name].path).exists():
+                    raise  # the file's own error names its line
+                problems.append(Problem(("data", ref.name, "path"), str(err)))  # not found: the recipe's line
+                continue
+            check(data, fn.formats, on_bad_rows=recipe.on_bad_rows, report=into)
+            for r in st.rewards:  # TRL-style column parameters, `fn(prompts, completions, answer, **kw)`
+                absent = [c for c in build_reward(r.model_dump()).columns if c not in data.rows[0]]
+                if absent:
+                    raise DataError(f"{data.where(0)}: reward '{r.name}' of stage '{name}' reads column(s) {absent}, "
+                                    f"which dataset '{ref.name}' does not have (columns: {sorted(data.rows[0])})")
+            if folder and _conversational(data.rows) and not _has_chat_template(folder):
+                problems.append(Problem(("stages", name, "data", i), (
+                    f"dataset '{ref.name}' is conversational ({data.where(0)}) but the tokenizer of "
+                    f"{recipe.model.name_or_path} has no chat template; use a model with one (an instruct/chat "
+                    f"checkpoint), add `chat_template` to its tokenizer_config.json, or give `text` / plain-string "
+                    f"prompt and completion rows")))
+    problems += _check_eval_data(recipe, loaded, offline=offline)
+    if not problems and folder:
+        _check_lengths(recipe, folder, report)
+    if problems:
+        _, lines = parse_recipe(path)
+        for p in problems:
+            p.line = p.line or line_for(lines, p.path)
+        raise RecipeError(str(path), problems)
+    return report
+
+
+def model_folder(name_or_path: str, *, revision: Optional[str] = None,
+                 offline: bool = False) -> tuple[Optional[Path], list[Problem]]:
+    """The local folder of the recipe's model without loading it -- a local folder, a converted bundled model or
+    the hub cache -- or None where it can only be known by downloading; with the problems found: a path that is
+    not a folder, a model the hub cache lacks while offline (`HF_HUB_OFFLINE`) or the hub cannot be reached, a
+    folder without config.json or without tokenizer files. `offline` (`validate --offline`): a hub id the cache
+    lacks is taken as given."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    key = ("model", "name_or_path")
+    if name_or_path.startswith("bundled:"):
+        from alignment.models import cache_dir
+
+        cached = cache_dir() / "bundled" / name_or_path.split(":", 1)[1]
+        return (cached if (cached / "config.json").exists() else None), []  # converted on first use
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        if name_or_path.startswith((".", "/", "~")) or path.exists() or name_or_path.count("/") > 1:
+            return None, [Problem(key, f"'{name_or_path}' is not a local model folder (relative paths are relative to "
+                                       f"the recipe's folder)")]
+        cached = try_to_load_from_cache(name_or_path, "config.json", revision=revision)
+        if isinstance(cached, str):
+            path = Path(cached).parent
+        elif offline:  # `validate --offline`: a hub model is named, not looked up
+            return None, []
+        elif constants.is_offline_mode():
+            return None, [Problem(key, f"'{name_or_path}' is not a local folder, and the hub is not reachable "
+                                       f"(HF_HUB_OFFLINE is set) and has not cached it; give a local model folder "
+                                       f"(relative to the recipe's folder), or unset HF_HUB_OFFLINE to download it")]
+        else:
+            return None, _hub_problems(name_or_path, revision, key)
+    if not (path / "config.json").exists():
+        return None, [Problem(key, f"{path} has no config.json: not a model folder")]
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        return None, [Problem(key, f"{path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); copy the "
+                                   f"tokenizer of the model it was made from into the folder")]
+    return path, []
+
+
+HUB_TIMEOUT_S = 10.0  # a hub lookup at validate time; a model download later uses the hub's own timeouts
+
+
+def _hub_problems(repo: str, revision: Optional[str], key: tuple) -> list[Problem]:
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        model_info(repo, revision=revision, timeout=HUB_TIMEOUT_S)
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        return [Problem(key, f"'{repo}' is not a local folder, and the hub has no such model{f' at revision {revision}' if revision else ''}")]
+    except Exception as err:  # connection errors come in many types (requests, httpx, OSError)
+        return [Problem(key, f"'{repo}' is not a local folder, and the hub is not reachable ({type(err).__name__}); "
+                             f"give a local model folder, or set HF_HUB_OFFLINE=1 to use the hub cache")]
+    return []
+
+
+def _conversational(rows: list[dict]) -> bool:
+    return any(isinstance(row.get(c), list) for row in rows for c in CHAT_COLUMNS)
+
+
+def _has_chat_template(folder: Path) -> bool:
+    """A chat template in the tokenizer folder: `chat_template` in tokenizer_config.json or a template file."""
+    if (folder / "chat_template.jinja").exists() or (folder / "chat_template.json").exists():
+        return True
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool(config.get("chat_template"))
+
+
+def _check_eval_data(recipe: Recipe, loaded: dict, *, offline: bool = False) -> list[Problem]:
+    """Each eval's dataset loads and has the rows and columns its task reads (`evals.check_task_data`);
+    `offline`: hub datasets are not loaded."""
+    from alignment.data import DataError, is_hub, load
+
+    problems = []
+    for i, ev in enumerate(recipe.evals):
+        if ev.data is None or ev.task not in TASKS or ev.data not in recipe.data:
+            continue
+        if offline and is_hub(recipe.data[ev.data]):
+            continue
+        try:
+            data = loaded.get(ev.data) or load(ev.data, recipe.data[ev.data])
+        except DataError as err:
+            problems.append(Problem(("evals", i, "data"), str(err)))
+            continue
+        problems += [Problem(("evals", i, "data"), f"{msg} ({data.where(0)})")
+                     for msg in check_task_data(ev.task, ev.args, data.rows[0])]
+    return problems
+
+
+def _check_lengths(recipe: Recipe, folder: Path, report) -> None:
+    """Rows each SFT stage's `max_length` cuts, counted with the tokenizer alone (`count_truncated`)."""
+    from alignment.data import count_truncated
+    from alignment.models import load_tokenizer
+    from alignment.stages import effective_args
+
+    tokenizer = None
+    for name, st in recipe.stages.items():
+        max_length = effective_args(recipe, name).get("max_length") if st.method == "sft" else None
+        if max_length:
+            tokenizer = tokenizer or load_tokenizer(str(folder), trust_remote_code=recipe.model.trust_remote_code)
+            count_truncated(tokenizer, max_length, recipe.data, st.data, STAGES.get(st.method).formats,
+                            on_bad_rows=recipe.on_bad_rows, report=report)

@@ -13,11 +13,11 @@ preference_accuracy, perplexity, kl, length, lm_eval. `run_evals` writes `runs/N
 """
 from __future__ import annotations
 
-from evals.base import TASKS, EvalContext, EvalResult, check_task_args, task
+from evals.base import TASKS, EvalContext, EvalResult, check_task_args, check_task_data, task
 from evals import tasks  # noqa: F401 -- registers the built-in tasks
 from evals.runner import EvalError, check_evals, eval_names, run_evals
 
-__all__ = ["TASKS", "EvalContext", "EvalResult", "EvalError", "task", "check_task_args",
+__all__ = ["TASKS", "EvalContext", "EvalResult", "EvalError", "task", "check_task_args", "check_task_data",
            "check_evals", "eval_names", "run_evals", "write_report"]
 
 

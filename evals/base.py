@@ -62,14 +62,38 @@ DEFAULT_BACKEND = "auto"
 DEFAULT_BATCH_SIZE = 16
 
 
-def task(name: str, *, needs_data: bool = True) -> Callable[[EvalTask], EvalTask]:
-    """Register an eval task; `needs_data=False` for tasks that bring their own (lm_eval)."""
+PROMPT_FORMATS = ("prompt", "messages", "preference")  # the rows `row_prompt` finds a prompt in
+
+
+def task(name: str, *, needs_data: bool = True, formats: tuple[str, ...] = PROMPT_FORMATS,
+         column_args: tuple[str, ...] = ()) -> Callable[[EvalTask], EvalTask]:
+    """Register an eval task; `needs_data=False` for tasks that bring their own (lm_eval). `formats` are the
+    `alignment.data.FORMATS` its rows may have, `column_args` the task's arguments that name a further column
+    it reads (e.g. `answer_column`): `check_task_data` checks both at validate time."""
 
     def decorator(fn):
-        fn.needs_data = needs_data
+        fn.needs_data, fn.formats, fn.column_args = needs_data, formats, column_args
         return TASKS.register(name)(fn)
 
     return decorator
+
+
+def check_task_data(name: str, args: dict, columns) -> list[str]:
+    """Problems with the columns of an eval's dataset (those of its first row) for task `name`. [] = fine."""
+    from alignment.data import FORMATS
+
+    fn = TASKS.get(name)
+    cols = set(columns)
+    problems = []
+    if not any(set(FORMATS[f]) <= cols for f in fn.formats):
+        wanted = " or ".join("/".join(FORMATS[f]) for f in fn.formats)
+        problems.append(f"eval task '{name}' needs {wanted} rows; the dataset has columns {sorted(cols)}")
+    params = task_params(fn)
+    for arg in fn.column_args:
+        column = args.get(arg, params[arg].default)
+        if column not in cols:
+            problems.append(f"eval task '{name}' reads column '{column}' (its `{arg}`); the dataset has columns {sorted(cols)}")
+    return problems
 
 
 def task_params(fn: EvalTask) -> dict[str, inspect.Parameter]:

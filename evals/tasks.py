@@ -70,7 +70,7 @@ def verify(completions: list[str], golds: list[str], match: str) -> list[bool]:
     return [s == 1.0 for s in math_accuracy(None, completions, answer=golds)]
 
 
-@task("accuracy")
+@task("accuracy", column_args=("answer_column",))
 def accuracy(ctx: EvalContext, *, max_new_tokens: int = 256, match: str = "math",
              k: Union[int, list[int], None] = None, num_samples: Optional[int] = None,
              temperature: float = 1.0, answer_column: str = "answer") -> EvalResult:
@@ -237,7 +237,7 @@ def judge_win_rate(ctx: EvalContext, *, judge: str, baseline: str = "base", temp
 # ---------------------------------------------------------------- held-out preference pairs
 
 
-@task("preference_accuracy")
+@task("preference_accuracy", formats=("preference",))
 def preference_accuracy(ctx: EvalContext, *, reward_stage: Optional[str] = None, reference: Optional[str] = None,
                         beta: float = 0.1) -> EvalResult:
     """Share of held-out pairs where `chosen` outscores `rejected`, and the mean margin.
@@ -297,7 +297,7 @@ def _pair_of(tokenizer, row: dict) -> tuple[list[int], list[int]]:
     raise ValueError(f"perplexity needs prompt/completion, messages or text rows; got columns {sorted(row)}")
 
 
-@task("perplexity")
+@task("perplexity", formats=("messages", "prompt_completion", "text"))
 def perplexity(ctx: EvalContext, *, max_length: Optional[int] = None) -> EvalResult:
     """Completion-token perplexity exp(mean NLL) over held-out SFT rows (token-weighted mean).
 

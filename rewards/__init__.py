@@ -42,7 +42,7 @@ import sys
 import traceback
 from math import isfinite
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from alignment.registry import did_you_mean
 from rewards.base import _TRAINER_KWARGS, REWARDS, RewardFn, answer_text, completion_text
@@ -76,6 +76,7 @@ class BoundReward:
         self.params = dict(params)
         self.columns = tuple(columns)  # named parameters filled from the dataset column of that name
         self.missing = 0  # scores turned into None since the last `missing_metrics`
+        self.window = [0, 0]  # [scores asked, scores lost] since the last `lost_everything`
         self._reported: set[str] = set()
 
     def __call__(self, prompts: list, completions: list, **columns) -> list[float | None]:
@@ -92,6 +93,7 @@ class BoundReward:
             raise KeyError(f"reward '{self.__name__}' reads column(s) {absent} (its parameters without a default), "
                            f"which the dataset does not have (columns: {', '.join(data) or 'none'})")
         n = len(completions)
+        self.window[0] += n
         try:
             values = self.fn(prompts=prompts, completions=completions, **self.params, **columns)
         except Exception as e:  # a flaky scorer (an API, a parser) must not end the stage: None, counted
@@ -119,6 +121,7 @@ class BoundReward:
 
     def _lose(self, count: int, kind: str, detail: str) -> None:
         self.missing += count
+        self.window[1] += count
         if kind not in self._reported:
             self._reported.add(kind)
             print(f"alignkit: reward '{self.__name__}' {'raised' if kind == 'raised' else 'returned'} {detail}; "
@@ -136,6 +139,18 @@ def missing_metrics(funcs: Sequence[RewardFn]) -> dict[str, int]:
         if isinstance(fn, BoundReward):
             out[f"reward/{fn.__name__}/missing"], fn.missing = fn.missing, 0
     return out
+
+
+def lost_everything(funcs: Sequence[RewardFn]) -> Optional[bool]:
+    """Whether every reward lost every score it was asked for since the last call (a step that trains on
+    nothing); None when none was asked (e.g. a step that reuses an earlier generation). Resets the window."""
+    bound = [fn for fn in funcs if isinstance(fn, BoundReward)]
+    windows = [fn.window for fn in bound]
+    for fn in bound:
+        fn.window = [0, 0]
+    if not windows or all(asked == 0 for asked, _ in windows):
+        return None
+    return all(lost == asked for asked, lost in windows)
 
 
 def _short(value) -> str:

@@ -33,6 +33,7 @@ from alignment.registry import Registry
 from alignment.rundir import RunDir
 
 STAGES: Registry[Callable] = Registry("stage method")
+FAULT_ENV = "ALIGNKIT_FAULT_KILL_AT"  # test hook: kill the stage process at a point (`StageContext.fault_point`)
 
 
 Defaults = Union[dict[str, Any], Callable[[Recipe, str], dict[str, Any]]]
@@ -103,6 +104,11 @@ def load_stages() -> None:
         importlib.import_module(f"{__name__}.{mod.name}")
 
 
+class StageInputError(ValueError):
+    """A stage cannot go on because of its recipe, data or rewards, not a crash: a rerun would stop the same way
+    (e.g. every reward missing for `max_missing_reward_steps` steps). The stage's process exits 2, saying why."""
+
+
 @dataclass
 class StageResult:
     metrics: dict[str, Any] = field(default_factory=dict)  # final numbers for the manifest / summary
@@ -120,6 +126,8 @@ class StageContext:
     reward_funcs: list = field(default_factory=list)  # set by `reward_functions`
     trackers: Any = None  # alignment.tracking.Trackers of `report_to`, started by the first `log_metrics`
     data_report: DataReport = field(default_factory=DataReport)  # rows `dataset` dropped, kept with a warning, ...
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient (`skip_nonfinite`)
+    missing_reward_steps: int = 0  # steps in a row in which every reward lost every score (`check_rewards`)
 
     @property
     def spec(self) -> StageConfig:
@@ -184,9 +192,11 @@ class StageContext:
         from alignment.decontam import row_filter
 
         fn = STAGES.get(self.spec.method)
-        return build(self.recipe.data, self.spec.data, formats or fn.formats, seed=self.recipe.seed,
-                     on_bad_rows=self.recipe.on_bad_rows, report=self.data_report, contaminated=row_filter(self.recipe),
-                     decontaminate=self.recipe.decontaminate.action if self.recipe.decontaminate else None)
+        dataset = build(self.recipe.data, self.spec.data, formats or fn.formats, seed=self.recipe.seed,
+                        on_bad_rows=self.recipe.on_bad_rows, report=self.data_report, contaminated=row_filter(self.recipe),
+                        decontaminate=self.recipe.decontaminate.action if self.recipe.decontaminate else None)
+        self.fault_point("data")
+        return dataset
 
     # ------------------------------------------------------------ online RL (grpo, rloo, online_dpo, ppo)
 
@@ -238,6 +248,8 @@ class StageContext:
         if not self.is_main_process:
             return
         values = {k: v for k, v in metrics.items() if isinstance(v, (int, float))} | missing_metrics(self.reward_funcs)
+        if self.skipped_steps:
+            values["skipped_steps"] = self.skipped_steps
         self.rundir.append_metrics(self.name, step, values)
         if self.trackers is None:  # started at the first row: its step tells tensorboard what to purge on a resume
             from alignment.tracking import Trackers, flat_config
@@ -252,6 +264,46 @@ class StageContext:
         if self.trackers is not None:
             self.trackers.finish()
 
+    def skip_nonfinite(self, parameters, step: int) -> bool:
+        """Before an optimizer step: when a gradient is NaN or inf (a non-finite loss), drop every gradient
+        (`grad = None`: the optimizer leaves those weights and their moments alone), count it in
+        `skipped_steps` (logged with each row) and say so. Returns whether the step is skipped."""
+        import torch
+
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if all(bool(torch.isfinite(g).all()) for g in grads):
+            return False
+        for p in parameters:
+            p.grad = None
+        self.skipped_steps += 1
+        print(f"alignkit: {self.name} step {step}: the loss or gradients are not finite; step skipped "
+              f"({self.skipped_steps} so far)", flush=True)
+        return True
+
+    def check_rewards(self, step: int) -> None:
+        """After a step: count steps in a row in which every reward lost every score (`rewards.lost_everything`);
+        say so, and stop the stage after the stage's `max_missing_reward_steps` of them.
+
+        Raises:
+            StageInputError: names the rewards and the step (the last checkpoint is kept).
+        """
+        from rewards import lost_everything
+
+        lost = lost_everything(self.reward_funcs)
+        if lost is None:
+            return
+        self.missing_reward_steps = self.missing_reward_steps + 1 if lost else 0
+        if not lost:
+            return
+        names = ", ".join(f"'{fn.__name__}'" for fn in self.reward_funcs)
+        limit = self.spec.max_missing_reward_steps
+        print(f"alignkit: {self.name} step {step}: every reward ({names}) lost every score (NaN, inf, not a number "
+              f"or raised): the step trains on nothing ({self.missing_reward_steps}/{limit} in a row)", flush=True)
+        if self.missing_reward_steps >= limit:
+            raise StageInputError(f"every reward ({names}) lost every score for {limit} steps in a row, up to step "
+                                  f"{step}; fix the reward function(s) (see reward/<fn>/missing in metrics.jsonl), or "
+                                  f"raise `max_missing_reward_steps` under stages.{self.name}")
+
     def progress(self, total: int, completed: int = 0) -> "Progress":
         """The stage's progress output; silent on every rank but the main one."""
         return Progress(self.name, total, completed, enabled=self.is_main_process)
@@ -259,12 +311,28 @@ class StageContext:
     def fault_hook(self, step: int) -> None:
         """Called right after a checkpoint is saved. Test hook: ALIGNKIT_FAULT_KILL_AFTER_SAVE=N kills this
         process (SIGKILL) once `step` >= N -- how the resume tests cut a stage off mid-run; with
-        ALIGNKIT_FAULT_RANK=R only global rank R is killed (one rank of a multi-process stage)."""
+        ALIGNKIT_FAULT_RANK=R only global rank R is killed (one rank of a multi-process stage); see also
+        `fault_point`."""
         kill_at, rank = os.environ.get("ALIGNKIT_FAULT_KILL_AFTER_SAVE"), os.environ.get("ALIGNKIT_FAULT_RANK")
         if rank is not None and rank != os.environ.get("RANK", "0"):
             return
         if kill_at and step >= int(kill_at):
             os.kill(os.getpid(), signal.SIGKILL)
+        self.fault_point("save", step)
+
+    def fault_point(self, point: str, step: Optional[int] = None) -> None:
+        """Test hook of the fault suite: `FAULT_ENV=POINT[@N]` kills this process (SIGKILL) at `point` (at step >= N):
+        `data` once the dataset is built, `save` while checkpoint N is being saved (it is left without its last
+        file, trainer_state.json, as a kill there leaves it), `artifact` with the weights saved but the artifact
+        not yet complete."""
+        from alignment.rundir import CHECKPOINT_STATE
+
+        name, _, at = os.environ.get(FAULT_ENV, "").partition("@")
+        if name != point or (at and (step is None or step < int(at))):
+            return
+        if point == "save":
+            (self.rundir.checkpoint(self.name, step) / CHECKPOINT_STATE).unlink(missing_ok=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------ TRL glue
 
@@ -314,6 +382,7 @@ class StageContext:
             trainer.save_model(str(tmp))  # gathers sharded weights; adapter only for peft models
             if main:
                 tokenizer.save_pretrained(tmp)
+                self.fault_point("artifact")
         trainer.accelerator.wait_for_everyone()
 
     def save_model(self, model, tokenizer, head: str = "causal_lm") -> None:
@@ -324,6 +393,7 @@ class StageContext:
         with self._artifact(head) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            self.fault_point("artifact")
 
 
 def reward_trend(rows: list[dict]) -> dict[str, float]:
@@ -380,7 +450,9 @@ class Progress:
 
 class StageCallback(TrainerCallback):
     """A TRL trainer's logs, once renamed to our keys (`metrics.rename`), go to metrics.jsonl (rank 0) and the
-    progress bar (`ctx.progress`, over optimizer steps); `ctx.fault_hook` runs after each checkpoint."""
+    progress bar (`ctx.progress`, over optimizer steps); `ctx.fault_hook` runs after each checkpoint; a step with a
+    non-finite gradient is skipped (`ctx.skip_nonfinite`) and steps whose rewards were all lost are counted
+    (`ctx.check_rewards`)."""
 
     def __init__(self, ctx: StageContext):
         self.ctx, self.progress = ctx, None
@@ -396,9 +468,13 @@ class StageCallback(TrainerCallback):
         self.ctx.log_metrics(state.global_step, metrics)
         self.progress.update(state.global_step, metrics)
 
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.ctx.skip_nonfinite(list(model.parameters()), state.global_step + 1)
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:
             self.progress.update(state.global_step)
+        self.ctx.check_rewards(state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
         self.ctx.fault_hook(state.global_step)

@@ -377,6 +377,7 @@ class PPOTrainer:
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
         self.update = 0  # updates done
+        self.skip_nonfinite = None  # (params, update) -> True to skip a step with non-finite gradients (StageContext's)
 
     def autocast(self):
         """bf16 autocast around the models' forward passes when `bf16` (mixed precision, like TRL's `bf16`)."""
@@ -525,7 +526,8 @@ class PPOTrainer:
                         totals[key] = totals.get(key, 0.0) + (value * weight).item()
                 grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.item()
-                self.optimizer.step()
+                if not (self.skip_nonfinite and self.skip_nonfinite(self.params, self.update + 1)):
+                    self.optimizer.step()
         steps = cfg.num_ppo_epochs * cfg.num_mini_batches
         if world > 1:  # rates add up over the ranks; each rank's loss share is W x its part; grad norms agree
             summed = self._sum(torch.tensor(list(totals.values()), dtype=torch.float64, device=self.device)).tolist()
@@ -839,6 +841,7 @@ def run(ctx: StageContext) -> StageResult:
     sampling = SamplingConfig(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                               top_p=1.0, top_k=0, n=rollout.num_generations)
     trainer = PPOTrainer(roles, engine, cfg, sampling, stop_id=stop_id, pad_id=pad_id, accelerator=accelerator)
+    trainer.skip_nonfinite = ctx.skip_nonfinite
     resume = ctx.last_checkpoint()
     if resume:
         if main:
@@ -861,6 +864,7 @@ def run(ctx: StageContext) -> StageResult:
             stats = trainer.step(encode_prompts(tokenizer, [r["prompt"] for r in rows]),
                                  _reward_fn(funcs, weights, rows, rollout.num_generations), seeds)
             step = trainer.update
+            ctx.check_rewards(step)
             if step % cfg.logging_steps == 0 or step == cfg.max_steps:
                 _sum_missing_over_ranks(trainer, funcs)
                 if main:

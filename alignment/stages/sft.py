@@ -31,7 +31,7 @@ def run(ctx: StageContext) -> StageResult:
     args = ctx.trl_config(SFTConfig)
     # TRL truncates and then silently drops the rows left without a completion token: count and say so
     train = check_truncation(train, tokenizer, args.max_length, ctx.recipe.data, ctx.spec.data, run.formats,
-                             on_bad_rows=ctx.recipe.on_bad_rows)
+                             on_bad_rows=ctx.recipe.on_bad_rows, report=ctx.data_report)
     trainer = SFTTrainer(
         model=ctx.load_model(),
         args=args,

@@ -56,3 +56,25 @@ def test_grpo_raises_reward(tmp_path, tiny_model_path, backend):
     assert man["metrics"]["reward/last_quarter"] == pytest.approx(sum(curve[-3:]) / 3)
     first, last = man["metrics"]["reward/first_quarter"], man["metrics"]["reward/last_quarter"]
     assert _headline(man["metrics"]) == f"reward {first:.3g} → {last:.3g}" and "summary" in res.output
+
+
+def test_a_reward_that_loses_every_score_stops_the_stage_naming_it(tmp_path, tiny_model_path):
+    """Issue 16, kind 4: a reward returning NaN for every completion used to let GRPO finish 'done' with loss 0,
+    having trained on nothing; now the stage stops after `max_missing_reward_steps` such steps, exit 2."""
+    (tmp_path / "broken.py").write_text("def always_nan(prompts, completions, **kw):\n"
+                                        "    return [float('nan')] * len(completions)\n")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say {i}"} for i in range(8)])
+    recipe = write_recipe(tmp_path, tiny_model_path, {"grpo": {
+        "method": "grpo", "data": ["prompts"], "rewards": [{"name": "broken.always_nan"}], "max_missing_reward_steps": 2,
+        "rollout": {"backend": "hf", "num_generations": 4, "max_new_tokens": 4},
+        "args": {"max_steps": 6, "per_device_train_batch_size": 4, "save_steps": 1, "beta": 0.0}}},
+        data={"prompts": {"path": "prompts.jsonl"}})
+    res = run_cli(recipe, "--run-dir", tmp_path / "runs")
+    assert res.exit_code == 2, res.output
+    assert ("stage 'grpo' stopped: every reward ('broken.always_nan') lost every score for 2 steps in a row, "
+            "up to step 2") in res.output
+    assert "resume" not in res.output and "Traceback" not in res.output
+    run_dir = tmp_path / "runs" / "t"
+    man = json.loads((run_dir / "grpo" / "manifest.json").read_text())
+    assert man["status"] == "failed" and man["exit_code"] == 2
+    assert (run_dir / "grpo" / "checkpoints" / "checkpoint-1").is_dir()  # the last checkpoint is kept

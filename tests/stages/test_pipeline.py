@@ -98,11 +98,38 @@ def test_chained_stage_starts_from_the_previous_artifact(tmp_path, tiny_model_pa
     first, second = manifest(run_dir, "sft"), manifest(run_dir, "sft2")
     assert second["inputs"]["from_fingerprint"] == first["fingerprint"]
     meta = json.loads((run_dir / "sft2" / "model" / "alignkit_model.json").read_text())
-    assert meta["kind"] == "adapter" and meta["base"] == str(run_dir / "sft" / "merged")
+    assert meta["kind"] == "adapter" and meta["base"] == "../../sft/merged"  # in-run lineage: relative to the file
+    peft_base = json.loads((run_dir / "sft2" / "model" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert peft_base == "../../sft/merged"
+    assert json.loads((run_dir / "sft" / "model" / "alignkit_model.json").read_text())["base"] == str(tiny_model_path)
 
     # --force with --stage reruns only that stage
     res = run_cli(recipe, "--run-dir", tmp_path / "runs", "--stage", "sft2", "--force")
     assert "sft (sft): done, skipped" in res.output and "rerunning from scratch (forced)" in res.output
+
+
+def test_a_moved_run_directory_skips_and_merges_through_its_own_lineage(tmp_path, tiny_model_path):
+    """Shared case 08: a run directory renamed after the run still skips its done stages, builds a stage's
+    merged weights from the in-run base and evaluates it; nothing in it names the old location."""
+    import shutil
+
+    from alignment.rundir import RunDir
+
+    sft = {**SFT, "args": {**SFT["args"], "max_steps": 2}}
+    stages = {"sft": sft, "sft2": {**sft, "from": "sft"}}
+    recipe = write_recipe(tmp_path, tiny_model_path, stages, model={"adapter": {"method": "lora", "r": 4}})
+    assert run_cli(recipe, "--run-dir", tmp_path / "runsA").exit_code == 0
+    shutil.rmtree(tmp_path / "runsA" / "t" / "sft2" / "merged", ignore_errors=True)
+    (tmp_path / "runsA").rename(tmp_path / "runsB")
+    moved = tmp_path / "runsB" / "t"
+    # (trainer checkpoints are HF Trainer's files: resuming reads no base path from them)
+    stored = [p for p in moved.rglob("*") if p.is_file() and p.suffix in (".json", ".yaml", ".jsonl")
+              and "checkpoints" not in p.parts]
+    assert stored and not [p for p in stored if "runsA" in p.read_text()]
+    res = run_cli(recipe, "--run-dir", tmp_path / "runsB")
+    assert res.exit_code == 0 and res.output.count("done, skipped") == 2, res.output
+    merged = RunDir(moved).weights(load_recipe(recipe), "sft2")
+    assert merged == str(moved / "sft2" / "merged") and (moved / "sft2" / "merged" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("model", [

@@ -339,7 +339,7 @@ def test_sft_rm_ppo_runs_and_resumes_after_a_kill(tmp_path, tiny_model_path, cap
         assert row["rollout/logprob_diff"] < 1e-4  # hf generates with the live policy
     assert rows[0]["kl/ref"] == pytest.approx(0, abs=1e-5)  # fresh adapter: policy == reference
     meta = json.loads((run_dir / "ppo" / "model" / "alignkit_model.json").read_text())
-    assert meta == {"kind": "adapter", "base": str(run_dir / "sft" / "merged"), "head": "causal_lm"}
+    assert meta == {"kind": "adapter", "base": "../../sft/merged", "head": "causal_lm"}
 
 
 @pytest.mark.vllm

@@ -67,7 +67,7 @@ def test_stages_start_from_the_sft_artifact(chained_run):
         assert m["status"] == "done"
         assert m["inputs"]["from_fingerprint"] == sft["fingerprint"]
         meta = json.loads((run_dir / stage / "model" / "alignkit_model.json").read_text())
-        assert meta["base"] == str(run_dir / "sft" / "merged")
+        assert meta["base"] == "../../sft/merged"
 
 
 def test_dpo_widens_the_margin(chained_run):

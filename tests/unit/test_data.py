@@ -356,19 +356,19 @@ def validate(recipe):
     return CliRunner().invoke(app, ["validate", str(recipe)])
 
 
-def test_validate_prints_what_the_policy_drops_and_refuses_by_default(tmp_path):
+def test_validate_prints_what_the_policy_drops_and_refuses_by_default(tmp_path, tiny_model_path):
     from tests.helpers import write_recipe
 
     write_jsonl(tmp_path / "sft.jsonl", [{"messages": MSG}, {"messages": [{"role": "robot", "content": "beep"}]}])
     stages = {"sft": {"method": "sft", "data": ["sft"]}}
-    recipe = write_recipe(tmp_path, "some/model", stages, data={"sft": {"path": "sft.jsonl"}}, on_bad_rows="drop")
+    recipe = write_recipe(tmp_path, tiny_model_path, stages, data={"sft": {"path": "sft.jsonl"}}, on_bad_rows="drop")
     res = validate(recipe)
     assert res.exit_code == 0, res.output
     assert f"data: dataset 'sft': 1 row(s) dropped" in res.output and f"sft.jsonl:2: column 'messages' message 0 has role" in res.output
-    recipe = write_recipe(tmp_path, "some/model", stages, data={"sft": {"path": "sft.jsonl"}})  # default: error
+    recipe = write_recipe(tmp_path, tiny_model_path, stages, data={"sft": {"path": "sft.jsonl"}})  # default: error
     res = validate(recipe)
     assert res.exit_code == 2 and "sft.jsonl:2: column 'messages' message 0 has role \"robot\"" in res.output
-    recipe = write_recipe(tmp_path, "some/model", stages, data={"sft": {"path": "sft.jsonl"}}, on_bad_rows="skip")
+    recipe = write_recipe(tmp_path, tiny_model_path, stages, data={"sft": {"path": "sft.jsonl"}}, on_bad_rows="skip")
     res = validate(recipe)
     assert res.exit_code == 2 and "on_bad_rows: Input should be 'error', 'drop' or 'warn'" in res.output
 

@@ -154,11 +154,11 @@ def reward_path(monkeypatch):
 USER_MODULES = ("my_rewards", "broken_rewards", "not_here_rewards")
 
 
-def grpo_recipe(folder, reward_module: str, reward_name="my_rewards.exact"):
+def grpo_recipe(folder, model, reward_module: str, reward_name="my_rewards.exact"):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{reward_name.split('.')[0]}.py").write_text(textwrap.dedent(reward_module))
     write_jsonl(folder / "prompts.jsonl", [{"prompt": "What is 2+2?", "answer": "4"}])
-    return write_recipe(folder, "some/model", {"grpo": {"method": "grpo", "data": ["prompts"],
+    return write_recipe(folder, model, {"grpo": {"method": "grpo", "data": ["prompts"],
                                                         "rewards": [{"name": reward_name}]}},
                         data={"prompts": {"path": "prompts.jsonl"}})
 
@@ -172,8 +172,8 @@ def validate(recipe, cwd):
         os.chdir(old)
 
 
-def test_a_reward_module_beside_the_recipe_imports_from_any_directory(tmp_path, reward_path):
-    recipe = grpo_recipe(tmp_path / "project", MY_REWARDS)
+def test_a_reward_module_beside_the_recipe_imports_from_any_directory(tmp_path, reward_path, tiny_model_path):
+    recipe = grpo_recipe(tmp_path / "project", tiny_model_path, MY_REWARDS)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     result = validate(recipe, elsewhere)
@@ -185,8 +185,8 @@ def test_a_reward_module_beside_the_recipe_imports_from_any_directory(tmp_path, 
     assert child.returncode == 0 and "('answer',)" in child.stdout, child.stderr
 
 
-def test_a_column_parameter_the_data_lacks_is_refused_at_validate(tmp_path, reward_path):
-    recipe = grpo_recipe(tmp_path, MY_REWARDS.replace("answer", "solution"))
+def test_a_column_parameter_the_data_lacks_is_refused_at_validate(tmp_path, reward_path, tiny_model_path):
+    recipe = grpo_recipe(tmp_path, tiny_model_path, MY_REWARDS.replace("answer", "solution"))
     result = validate(recipe, tmp_path)
     assert result.exit_code == 2
     assert "prompts.jsonl:1: reward 'my_rewards.exact' of stage 'grpo' reads column(s) ['solution']" in result.output
@@ -197,9 +197,9 @@ def test_a_column_parameter_the_data_lacks_is_refused_at_validate(tmp_path, rewa
     ("import math\nSCALE = 1 / 0\n", 2, "raised ZeroDivisionError: division by zero"),
     ("import no_such_dependency_xyz\n", 1, "No module named 'no_such_dependency_xyz'"),
 ])
-def test_a_reward_module_that_fails_to_import_is_one_error_naming_file_and_line(tmp_path, reward_path, module,
+def test_a_reward_module_that_fails_to_import_is_one_error_naming_file_and_line(tmp_path, reward_path, tiny_model_path, module,
                                                                                  line, says):
-    recipe = grpo_recipe(tmp_path, module, reward_name="broken_rewards.exact")
+    recipe = grpo_recipe(tmp_path, tiny_model_path, module, reward_name="broken_rewards.exact")
     result = validate(recipe, tmp_path)
     assert result.exit_code == 2, result.output
     assert f"broken_rewards.py:{line}:" in result.output and says in result.output
@@ -219,3 +219,72 @@ def test_installed_packages_win_over_the_recipe_folder(tmp_path, reward_path):
 
     assert importlib.import_module("json").__name__ == "json"
     assert os.environ[rewards.REWARD_PATH_ENV] == str(tmp_path.resolve())
+
+
+# ---------------------------------------------------------------- kind 4: a step that trains on nothing
+
+
+def test_lost_everything_is_true_only_when_every_reward_lost_every_score():
+    from rewards import lost_everything
+
+    nan, half, fine = bound([math.nan, math.nan], "nan"), bound([math.nan, 1.0], "half"), bound([1.0, 1.0], "fine")
+    assert lost_everything([nan]) is None  # not called since the last check
+    score([nan], [1.0], ["a", "b"], ["x", "y"])
+    assert lost_everything([nan]) is True
+    assert lost_everything([nan]) is None  # the window was reset
+    score([nan, half], [1.0, 1.0], ["a", "b"], ["x", "y"])
+    assert lost_everything([nan, half]) is False  # one score survived: the step has a signal
+    score([nan, fine], [1.0, 1.0], ["a", "b"], ["x", "y"])
+    assert lost_everything([nan, fine]) is False
+    score([bound(RuntimeError("down"), "api")], [1.0], ["a"], ["x"])
+
+
+def stage_context(tmp_path, limit=2):
+    from alignment.stages import StageContext, load_stages
+    from alignment.validate import load_recipe
+
+    load_stages()
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
+    path = write_recipe(tmp_path, "m", {"grpo": {"method": "grpo", "data": ["p"], "rewards": [{"name": "format"}],
+                                                 "max_missing_reward_steps": limit}}, data={"p": {"path": "p.jsonl"}})
+    return StageContext(recipe=load_recipe(path), name="grpo", run_dir=tmp_path / "runs")
+
+
+def test_the_stage_stops_after_max_missing_reward_steps_in_a_row(tmp_path, capsys):
+    from alignment.stages import StageInputError
+
+    ctx = stage_context(tmp_path, limit=2)
+    nan = bound([math.nan] * 2, "nan_reward")
+    ctx.reward_funcs = [nan]
+    score([nan], [1.0], ["a", "b"], ["x", "y"])
+    ctx.check_rewards(1)
+    assert ctx.missing_reward_steps == 1 and "step 1: every reward ('nan_reward') lost every score" in capsys.readouterr().out
+    ctx.check_rewards(2)  # no reward call in step 2 (a reused generation): neither counts nor resets
+    ctx.reward_funcs = [bound([1.0, 1.0], "ok")]
+    score(ctx.reward_funcs, [1.0], ["a", "b"], ["x", "y"])
+    ctx.check_rewards(3)
+    assert ctx.missing_reward_steps == 0  # a step with a signal resets the count
+    ctx.reward_funcs = [nan]
+    for step in (4, 5):
+        score([nan], [1.0], ["a", "b"], ["x", "y"])
+        if step == 5:
+            with pytest.raises(StageInputError, match=r"every reward \('nan_reward'\) lost every score for 2 steps in "
+                                                       r"a row, up to step 5; .* `max_missing_reward_steps` under stages.grpo"):
+                ctx.check_rewards(step)
+        else:
+            ctx.check_rewards(step)
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_counted(tmp_path):
+    import torch
+
+    ctx = stage_context(tmp_path)
+    layer = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in layer.parameters()]
+    (layer(torch.tensor([[1.0, math.nan]])).sum()).backward()
+    assert ctx.skip_nonfinite(list(layer.parameters()), 1) is True
+    optimizer.step()  # grads are None: AdamW leaves the weights alone
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters())) and ctx.skipped_steps == 1
+    layer(torch.tensor([[1.0, 2.0]])).sum().backward()
+    assert ctx.skip_nonfinite(list(layer.parameters()), 2) is False and ctx.skipped_steps == 1

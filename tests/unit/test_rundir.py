@@ -14,11 +14,10 @@ def test_manifest_write_is_atomic(tmp_path, monkeypatch):
     rd = RunDir(tmp_path / "run")
     rd.write_manifest("sft", {"status": "running", "fingerprint": "a"})
 
-    def half_then_crash(obj, fh, **kwargs):
-        fh.write('{"status": "do')
-        raise OSError("disk full")
+    def crash(fd):  # the new file written, not yet synced (an I/O error, a kill)
+        raise OSError("I/O error")
 
-    monkeypatch.setattr(rundir_module.json, "dump", half_then_crash)
+    monkeypatch.setattr(rundir_module.os, "fsync", crash)
     with pytest.raises(OSError):
         rd.write_manifest("sft", {"status": "done", "fingerprint": "b"})
     monkeypatch.undo()
@@ -84,3 +83,43 @@ def test_a_checkpoint_cut_off_while_saving_does_not_count(tmp_path):
     # 15: killed before its state was written
     assert [p.name for p in rd.checkpoints("sft")] == ["checkpoint-5"]
     assert [p.name for p in rd.checkpoints("sft", complete=False)] == ["checkpoint-5", "checkpoint-10", "checkpoint-15"]
+
+
+# ---------------------------------------------------------------- a full disk (issue 17, point 3)
+
+
+def _disk_full(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_leaves_the_manifest_failed_not_running_and_says_so_in_one_line(tmp_path, monkeypatch):
+    import json
+
+    from alignment.rundir import DiskFull, RunDir
+
+    rundir = RunDir(tmp_path / "run")
+    running = {"stage": "sft", "method": "sft", "status": "running", "fingerprint": "abc",
+               "inputs": {"args": {"x": 1}}, "versions": {"torch": "2"}}
+    rundir.write_manifest("sft", running)
+    monkeypatch.setattr("alignment.rundir.os.replace", _disk_full)
+    with pytest.raises(DiskFull) as exc:
+        rundir.write_manifest("sft", {**running, "status": "failed", "exit_code": 1, "seconds": 3.0})
+    assert str(exc.value) == (f"no space left on the device while writing {rundir.stage_dir('sft') / 'manifest.json'} "
+                              f"(No space left on device); free some space and run again: done stages are kept and a "
+                              f"cut-off stage resumes from its last complete checkpoint")
+    assert json.loads((rundir.stage_dir("sft") / "manifest.json").read_text()) == {
+        "stage": "sft", "method": "sft", "status": "failed", "fingerprint": "abc", "exit_code": 1}
+    assert [p.name for p in rundir.stage_dir("sft").iterdir()] == ["manifest.json"]  # no temp file left
+
+
+def test_an_artifact_cut_off_while_saving_leaves_nothing_that_looks_finished(tmp_path):
+    from alignment.rundir import RunDir
+
+    rundir = RunDir(tmp_path / "run")
+    with pytest.raises(OSError):
+        with rundir.artifact_writer("sft", kind="full", base=None, head="causal_lm") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half")
+            _disk_full()
+    assert not rundir.model_dir("sft").exists() and not list(rundir.stage_dir("sft").iterdir())
