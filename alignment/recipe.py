@@ -375,7 +375,8 @@ def _pydantic_problems(err: ValidationError, lines) -> list[Problem]:
             msg = e["msg"]
             if "input" in e and not isinstance(e["input"], (dict, list)):
                 msg += f" (got {e['input']!r})"
-        problems.append(Problem(path, msg, line_for(lines, path) or 1))  # a missing top-level key: the file's start
+        # a missing top-level key: the file's start; with no line map (a stage's args), the caller places it
+        problems.append(Problem(path, msg, line_for(lines, path) or (1 if lines else None)))
     return problems
 
 
