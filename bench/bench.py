@@ -6,7 +6,7 @@ sampled every 20 ms (the orchestrator counts: it is memory the run holds). The c
 (trl, alignkit, trl, alignkit, ...) `--repeats` times, so background load hits both sides alike; a ratio is the
 median alignkit / median TRL.
 
-    .venv/bin/python bench/bench.py [--quick] [--repeats N] [--cpus 0] [--out-dir bench/results]
+    .venv/bin/python bench/bench.py [--quick] [--repeats N] [--cpus 0] [--methods sft grpo ppo] [--out-dir bench/results]
 
 Cases: SFT alignkit vs raw TRL (bench/raw_trl.py); GRPO alignkit vs raw TRL at the same rollout size (HF
 generate on both sides); PPO vs GRPO (alignkit) at that rollout size; vLLM vs HF generate at batch 64
@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "recipes" / "quickstart" / "data"
 GOALS = {"cpu_s": 1.02, "peak_gb": 1.05}  # alignkit / raw TRL; RL peak: GOAL_RL_PEAK x raw TRL GRPO
 GOAL_RL_PEAK, GOAL_PPO_STEP, GOAL_VLLM = 0.5, 1.3, 2.5
+METHODS = ("sft", "grpo", "ppo")  # the cases' prefixes (`cases`)
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -179,6 +180,8 @@ def summarise(rows: dict, steps: dict, generate: dict | None) -> list[dict]:
     """One line per compared quantity: value, goal and whether it is met."""
     lines = []
     for method in ("sft", "grpo"):
+        if not {f"{method}/alignkit", f"{method}/trl"} <= rows.keys():
+            continue  # not benched this time (--methods)
         for key, goal in GOALS.items():
             if method == "grpo" and key == "peak_gb":
                 continue  # RL memory has its own goal below
@@ -187,6 +190,8 @@ def summarise(rows: dict, steps: dict, generate: dict | None) -> list[dict]:
         lines.append({"what": f"{method} wall_s: alignkit / raw TRL",
                       "ratio": ratio(rows, f"{method}/alignkit", f"{method}/trl", "wall_s"), "goal": None})
     for case in ("grpo/alignkit", "ppo/alignkit"):
+        if not {case, "grpo/trl"} <= rows.keys():
+            continue
         lines.append({"what": f"RL peak_gb: {case} / grpo/trl", "ratio": ratio(rows, case, "grpo/trl", "peak_gb"),
                       "goal": GOAL_RL_PEAK})
     if steps.get("ppo") and steps.get("grpo"):
@@ -234,6 +239,8 @@ def main() -> None:
     parser.add_argument("--cpus", default="0" if shutil.which("taskset") else None,
                         help="taskset CPU list for every case ('' = no pinning)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="which cases to run (default all); ratios need both of their cases")
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 2)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -247,12 +254,14 @@ def main() -> None:
         steps: dict[str, float | None] = {}
         for _ in range(repeats):  # interleaved: each repeat runs every case once, trl before alignkit
             for case, argv in cases(s, work).items():
+                if case.split("/")[0] not in args.methods:
+                    continue
                 print(f"bench: {case} ...", flush=True)
                 runs.setdefault(case, []).append(measure(argv, cpus=args.cpus or None, env=env,
                                                          log=work / f"{case.replace('/', '-')}.log"))
                 if case in ("grpo/alignkit", "ppo/alignkit"):
                     steps[case.split("/")[0]] = step_seconds(work, case.split("/")[0])
-        generate = None if args.quick else generate_bench(args.out_dir / "rollout.json",
+        generate = None if args.quick or "grpo" not in args.methods else generate_bench(args.out_dir / "rollout.json",
                                                           "bfloat16" if s["bf16"] else "float32", work / "rollout.log")
     result = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick, "repeats": repeats,
                        "cpus": args.cpus, "nproc": os.cpu_count(), **s, "model": s["model"] if not args.quick
