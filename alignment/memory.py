@@ -277,7 +277,7 @@ def _full_bytes(width: int, device: str) -> float:
 
 LOGITS.register("full")(LogitsPath(lambda tokens, vocab: tokens * vocab, _full_bytes))
 # Our PPO: `algos.logprobs_from_hidden` chunks under checkpointing: for one chunk, its logits, the fp32 log-softmax,
-# the entropy's probabilities and their product, and backward's gradients (one chunk measured 30 bytes in fp32 on
+# the entropy's probabilities and their product, and backward's gradients (one chunk measured 26-30 bytes in fp32 on
 # CPU, taken for every dtype: the log-softmax and entropy run in fp32)
 PPO_CHUNK_BYTES = 30.0
 LOGITS.register("chunked")(LogitsPath(lambda tokens, vocab: min(tokens, _ppo_chunk()) * vocab,
