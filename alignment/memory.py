@@ -48,6 +48,7 @@ from alignment.registry import Registry
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+PLAN_DEVICE = "cuda"  # the device type a plan is for unless told otherwise (bench/ plans its CPU runs with "cpu")
 PLAN_AUTO_DTYPE = "bfloat16"  # `dtype: auto` on a GPU that plans to fit (alignment.models.torch_dtype's choice)
 ADAPTER_BYTES = 4  # peft keeps adapter weights in fp32 under a 16-bit base (autocast_adapter_dtype=True)
 # 4-bit: half a byte + blockwise absmax (fp32 per 64; double quant: 8-bit per 64 + fp32 per 64 x 256) -- QLoRA, 2.1
@@ -226,7 +227,7 @@ class Setup:
     rollout_tokens: int = 0  # KV-cache tokens of HF generate (sequences x max_model_len)
     micro_batch: int = 1  # per_device_train_batch_size as the recipe sets it
     batch_factor: int = 1
-    device: str = "cuda"  # where the stage runs: TRL's fused LM head folds its tiles in Triton on CUDA only
+    device: str = PLAN_DEVICE  # where the stage runs: TRL's fused LM head folds its tiles in Triton on CUDA only
 
 
 @dataclass(frozen=True)
@@ -365,7 +366,7 @@ def stage_args(recipe: Recipe, name: str) -> dict:
     return {**defaults, **effective_args(recipe, name)}
 
 
-def stage_setup(recipe: Recipe, name: str, gpus: Optional[int] = None, device: str = "cuda") -> Setup:
+def stage_setup(recipe: Recipe, name: str, gpus: Optional[int] = None, device: str = PLAN_DEVICE) -> Setup:
     """Read one stage's `Setup` from the recipe (model overrides, effective args, launch, rollout) for a stage
     run on `device` (a torch device type)."""
     spec, model = recipe.stages[name], recipe.stage_model(name)
@@ -541,7 +542,7 @@ def _smaller_batch(shape: ModelShape, s: Setup, budget: float, gpu_mem_gib: floa
 
 def plan_recipe(recipe: Recipe, recipe_dir: Optional[Path] = None, *, gpus: Optional[int] = None,
                 gpu_mem_gib: Optional[float] = None, stages: Optional[list[str]] = None,
-                device: str = "cuda") -> dict[str, StagePlan]:
+                device: str = PLAN_DEVICE) -> dict[str, StagePlan]:
     """Estimate every stage (or `stages`) of a loaded recipe run on `device` (cuda, or cpu for the measured
     check in bench/); with `gpu_mem_gib`, say whether each fits in it minus `FIT_RESERVE_GIB`, and what would make
     a stage that does not fit fit.
