@@ -84,8 +84,11 @@ def run(
         err.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2) from None
     pipe = Pipeline(rec, run_dir, console=console, machines=machines)
+    wanted = set(rec.ancestors(stage) if stage else rec.order())
+    todo = [s.name for s in pipe.status() if s.name in wanted and (force or s.state != "done")]
+    _check_launches(recipe, rec, todo)
     if not no_memory_check:
-        _check_memory(pipe, recipe.parent, stage, force, gpu_mem)
+        _check_memory(pipe, recipe.parent, todo, gpu_mem)
     console.print(f"[bold]alignkit[/] {rec.name}: {' → '.join(rec.ancestors(stage) if stage else rec.order())}  [dim]run dir {pipe.run_dir}[/]")
     try:
         rows = pipe.run(only=stage, force=force)
@@ -126,13 +129,23 @@ def _print_alarms(recipe, run_dir: Path) -> None:
         console.print(f"[bold red]warning:[/] {escape(alarm.message)}", soft_wrap=True)
 
 
-def _check_memory(pipe, recipe_dir: Path, stage: Optional[str], force: bool, gpu_mem: Optional[float]) -> None:
-    """Refuse (exit 2) before any model loads when a stage that will run does not fit the device
+def _check_launches(path: Path, rec, todo: list[str]) -> None:
+    """Refuse (exit 2) a stage that will run with a launch only GPUs run (`validate.gpu_only_launches`: FSDP on
+    a machine without CUDA), naming the recipe's file:line and key."""
+    from alignment.recipe import RecipeError
+    from alignment.validate import gpu_only_launches
+
+    problems = gpu_only_launches(path, rec, todo)
+    if problems:
+        err.print(f"[bold red]error:[/] {RecipeError(str(path), problems)}", markup=True, soft_wrap=True)
+        raise typer.Exit(2)
+
+
+def _check_memory(pipe, recipe_dir: Path, todo: list[str], gpu_mem: Optional[float]) -> None:
+    """Refuse (exit 2) before any model loads when a stage that will run (`todo`) does not fit the device
     (`alignment.memory.check_fits`: --gpu-mem, else the GPU's memory; no GPU and no --gpu-mem: no check)."""
     from alignment.memory import DoesNotFit, PlanError, check_fits
 
-    wanted = set(pipe.recipe.ancestors(stage) if stage else pipe.recipe.order())
-    todo = [s.name for s in pipe.status() if s.name in wanted and (force or s.state != "done")]
     try:
         check_fits(pipe.recipe, recipe_dir, todo, gpu_mem)
     except (DoesNotFit, PlanError) as e:
@@ -171,6 +184,11 @@ def validate(recipe: Path = RecipeArg,
     """Check RECIPE: schema, TRL args, stage references, data files and columns, reward names."""
     rec = _load(recipe, check_data=True, offline=offline)
     _print_overlap(rec)
+    from alignment.validate import gpu_only_launches
+
+    for p in gpu_only_launches(recipe, rec, rec.order()):  # valid for GPUs; `run` on this machine refuses it
+        console.print(f"note: {recipe}:{p.line}: {'.'.join(map(str, p.path))}: {p.message} (`alignkit run` here refuses it)",
+                      style="yellow", markup=False, soft_wrap=True)
     from alignment.data import is_hub
 
     used = {r.name for st in rec.stages.values() for r in st.data if not (offline and is_hub(rec.data[r.name]))}

@@ -16,9 +16,11 @@ The estimate per device, in bytes, is the sum of these parts (`Estimate.parts`):
   DeepSpeed's fp32 master copy + 2 fp32 states for 16-bit parameters.
 - `activations`: micro batch x sequence x per-layer saved tensors (`ACT_*` below) x layers, or with gradient
   checkpointing the layer inputs (batch x sequence x hidden x layers) plus one layer being recomputed.
-- `logits`: batch x sequence x vocab, in the model dtype plus the fp32 upcast and log-softmax of the loss
-  (transformers' `ForCausalLMLoss`); chunked (1/8 kept) where the method's trainer chunks it (TRL's SFT) or
-  under `use_liger_kernel`.
+- `logits`: what the method's loss holds of the batch x sequence x vocab logits at its peak (`LOGITS`): TRL 1.16's
+  SFT / DPO / KTO / GRPO / RLOO score tokens through a fused LM head (`trl.trainer.utils.add_fused_lm_head`) in tiles
+  of at most 4096 tokens x 32768 vocabulary entries, folded in a Triton kernel on CUDA and in plain torch
+  elsewhere (~34 bytes per tile element on CPU); TRL's experimental trainers (ORPO, CPO, online DPO, GKD) take the
+  model's full logits; our PPO scores 256 tokens at a time (`algos.logprobs_from_hidden`).
 - `extra_models`: the models the method keeps (`METHODS`): a frozen reference (DPO, KTO, GRPO with beta > 0,
   PPO) unless an adapter can be disabled instead, PPO's separate critic, a reward-model reward.
 - `rollout`: colocated vLLM's reservation (`gpu_memory_utilization` x device memory) or HF generate's KV cache.
@@ -46,6 +48,7 @@ from alignment.registry import Registry
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+PLAN_DEVICE = "cuda"  # the device type a plan is for unless told otherwise (bench/ plans its CPU runs with "cpu")
 PLAN_AUTO_DTYPE = "bfloat16"  # `dtype: auto` on a GPU that plans to fit (alignment.models.torch_dtype's choice)
 ADAPTER_BYTES = 4  # peft keeps adapter weights in fp32 under a 16-bit base (autocast_adapter_dtype=True)
 # 4-bit: half a byte + blockwise absmax (fp32 per 64; double quant: 8-bit per 64 + fp32 per 64 x 256) -- QLoRA, 2.1
@@ -54,7 +57,6 @@ QUANT_BYTES = {(4, False): 0.5 + 4 / 64, (4, True): 0.5 + 1 / 64 + 4 / (64 * 256
 # MLP width (i): norms' inputs and outputs and the attention output (8h), k and v after RoPE (2kv), SwiGLU's
 # gate, up, act(gate) and product (4i). SDPA / flash attention keep no seq x seq scores; `eager` adds them.
 ACT_HIDDEN, ACT_KV, ACT_MLP = 8, 2, 4
-LOGITS_CHUNKS = 8  # a chunked LM head + cross-entropy (TRL SFT, liger) holds about one chunk in eight
 FIT_RESERVE_GIB = 1.0  # CUDA context and allocator fragmentation, kept free when `run` checks the fit
 
 
@@ -217,7 +219,6 @@ class Setup:
     seq: int  # tokens per sequence
     logit_seq: int  # positions whose logits are computed (completion only for GRPO / PPO)
     optim: str
-    liger: bool
     eager_attention: bool
     sharding: Sharding
     extras: tuple[Extra, ...] = ()
@@ -226,12 +227,13 @@ class Setup:
     rollout_tokens: int = 0  # KV-cache tokens of HF generate (sequences x max_model_len)
     micro_batch: int = 1  # per_device_train_batch_size as the recipe sets it
     batch_factor: int = 1
+    device: str = PLAN_DEVICE  # where the stage runs: TRL's fused LM head folds its tiles in Triton on CUDA only
 
 
 @dataclass(frozen=True)
 class MethodMemory:
     """What a method adds to a plain forward/backward: `batch_factor` sequences per example (DPO: chosen +
-    rejected), how it computes LM logits (full | chunked | none), its sequence length, and the extra models it keeps."""
+    rejected), how its loss computes log-probs (a `LOGITS` path), its sequence length, and the extra models it keeps."""
 
     batch_factor: int
     logits: str
@@ -240,6 +242,58 @@ class MethodMemory:
 
 
 METHODS: Registry[MethodMemory] = Registry("memory model of a stage method")
+
+
+@dataclass(frozen=True)
+class LogitsPath:
+    """How a loss turns the last hidden states into per-token log-probs: `elements(tokens, vocab)` is how many
+    logits exist at once, `bytes_per_element(width, device)` what each holds at the loss's peak (its copies,
+    temporaries and gradients), for a model dtype of `width` bytes on a `device` type (cuda | cpu)."""
+
+    elements: Callable[[int, int], int]
+    bytes_per_element: Callable[[int, str], float]
+
+
+LOGITS: Registry[LogitsPath] = Registry("logits path of a stage method")
+# TRL's fused LM head (`add_fused_lm_head`, trl/kernels/chunked_logprob.py): tiles of TOKEN_CHUNK_SIZE tokens x
+# `_CHUNKED_LOGPROB_CHUNK_SIZE` vocabulary entries, one tile buffer reused for every tile, recomputed in backward.
+FUSED_TILE_TOKENS, FUSED_TILE_VOCAB = 4096, 32768
+# On CUDA the Triton kernels fold a tile in place: the tile buffer in the compute dtype. Elsewhere the torch
+# fallback (`_forward_tile` / `_backward_tile`) builds fp32 tensors of the tile's shape: the transformed logits,
+# exp, exp x logits and the top-1 mask in forward; log-probs, probabilities, the target mask and the gradient terms
+# in backward. Measured on this CPU (fp32, TRL 1.16): 33.3-35.9 bytes per tile element (bench/memory.md).
+FUSED_CPU_BYTES = 34.0
+LOGITS.register("fused")(LogitsPath(
+    lambda tokens, vocab: min(tokens, FUSED_TILE_TOKENS) * min(vocab, FUSED_TILE_VOCAB),
+    lambda width, device: width if device == "cuda" else FUSED_CPU_BYTES))
+
+
+def _full_bytes(width: int, device: str) -> float:
+    """The model's own (B, T, V) logits under TRL's experimental trainers (ORPO's NLL + log-odds, CPO, online DPO,
+    GKD): the logits and their gradient in the model dtype, and ~24 bytes of fp32 copies -- the log-softmax of the
+    log-probs and the NLL's cross-entropy kept for backward, their gradients, backward's softmax temporaries.
+    Fitted to the ORPO run on CPU, 32 bytes in fp32 (bench/memory.md); one log-softmax alone measures 16.9."""
+    return 2 * width + 24
+
+
+LOGITS.register("full")(LogitsPath(lambda tokens, vocab: tokens * vocab, _full_bytes))
+# Our PPO: `algos.logprobs_from_hidden` chunks under checkpointing: for one chunk, its logits, the fp32 log-softmax,
+# the entropy's probabilities and their product, and backward's gradients (one chunk measured 26-30 bytes in fp32 on
+# CPU, taken for every dtype: the log-softmax and entropy run in fp32)
+PPO_CHUNK_BYTES = 30.0
+LOGITS.register("chunked")(LogitsPath(lambda tokens, vocab: min(tokens, _ppo_chunk()) * vocab,
+                                      lambda width, device: PPO_CHUNK_BYTES))
+LOGITS.register("none")(LogitsPath(lambda tokens, vocab: 0, lambda width, device: 0.0))  # a reward model's 1-score head
+
+
+@functools.cache
+def _ppo_chunk() -> int:
+    """Tokens per chunk of our PPO's log-probs: `logprobs_from_hidden`'s default, which the PPO stage uses."""
+    import inspect
+
+    from alignment.algos import logprobs_from_hidden
+
+    return inspect.signature(logprobs_from_hidden).parameters["chunk_size"].default
 
 
 def _trl_seq(args, recipe, name):
@@ -278,19 +332,19 @@ def _ppo_extras(args, recipe, name):
     return extras + _reward_models(recipe, name)
 
 
-# TRL's SFTTrainer computes log-probs through a fused, chunked LM head (`add_fused_lm_head`): no full logits
-METHODS.register("sft")(MethodMemory(1, "chunked", _trl_seq, _no_extras))
+# TRL 1.16's SFT, DPO, KTO, GRPO and RLOO trainers all call `add_fused_lm_head` (the policy and the reference)
+METHODS.register("sft")(MethodMemory(1, "fused", _trl_seq, _no_extras))
 METHODS.register("reward")(MethodMemory(2, "none", _trl_seq, _no_extras))  # chosen + rejected; a 1-score head
-METHODS.register("dpo")(MethodMemory(2, "full", _trl_seq, _reference_unless_adapter))
-METHODS.register("kto")(MethodMemory(2, "full", _trl_seq, _reference_unless_adapter))  # + the KL batch
-METHODS.register("grpo")(MethodMemory(1, "full", _rollout_seq, _grpo_extras))
-METHODS.register("ppo")(MethodMemory(1, "full", _rollout_seq, _ppo_extras))
-METHODS.register("rloo")(MethodMemory(1, "full", _rollout_seq, _grpo_extras))  # TRL's RLOO: GRPO's layout
+METHODS.register("dpo")(MethodMemory(2, "fused", _trl_seq, _reference_unless_adapter))
+METHODS.register("kto")(MethodMemory(2, "fused", _trl_seq, _reference_unless_adapter))  # + the KL batch
+METHODS.register("grpo")(MethodMemory(1, "fused", _rollout_seq, _grpo_extras))
+METHODS.register("ppo")(MethodMemory(1, "chunked", _rollout_seq, _ppo_extras))
+METHODS.register("rloo")(MethodMemory(1, "fused", _rollout_seq, _grpo_extras))  # TRL's RLOO: GRPO's layout
 # online DPO: two sampled completions per prompt, judged by reward functions or a reward-model stage
 METHODS.register("online_dpo")(MethodMemory(2, "full", _rollout_seq,
                                             lambda args, recipe, name: _reference_unless_adapter(args, recipe, name)
                                             + _reward_models(recipe, name)))
-for _name in ("orpo", "cpo", "simpo"):  # reference-free preference losses on chosen + rejected
+for _name in ("orpo", "cpo", "simpo"):  # reference-free preference losses on chosen + rejected (trl.experimental)
     METHODS.register(_name)(MethodMemory(2, "full", _trl_seq, _no_extras))
 # GKD: a frozen teacher, counted at the student's size (a teacher of another size is not read from its config)
 METHODS.register("distill")(MethodMemory(1, "full", _trl_seq, lambda args, recipe, name: [Extra("teacher", "frozen", quantized=False)]))
@@ -312,8 +366,9 @@ def stage_args(recipe: Recipe, name: str) -> dict:
     return {**defaults, **effective_args(recipe, name)}
 
 
-def stage_setup(recipe: Recipe, name: str, gpus: Optional[int] = None) -> Setup:
-    """Read one stage's `Setup` from the recipe (model overrides, effective args, launch, rollout)."""
+def stage_setup(recipe: Recipe, name: str, gpus: Optional[int] = None, device: str = PLAN_DEVICE) -> Setup:
+    """Read one stage's `Setup` from the recipe (model overrides, effective args, launch, rollout) for a stage
+    run on `device` (a torch device type)."""
     spec, model = recipe.stages[name], recipe.stage_model(name)
     method, args = METHODS.get(spec.method), stage_args(recipe, name)
     seq, logit_seq = method.seq(args, recipe, name)
@@ -332,10 +387,10 @@ def stage_setup(recipe: Recipe, name: str, gpus: Optional[int] = None) -> Setup:
                         else tuple(model.adapter.target_modules)) if model.adapter else "all-linear",
         gradient_checkpointing=bool(args.get("gradient_checkpointing", model.gradient_checkpointing)),
         batch=micro * method.batch_factor, seq=seq, logit_seq=logit_seq,
-        optim=str(args.get("optim", "adamw_torch")),
-        liger=bool(args.get("use_liger_kernel", False)), eager_attention=model.attn_implementation == "eager",
+        optim=str(args.get("optim", "adamw_torch")), eager_attention=model.attn_implementation == "eager",
         sharding=sharding_of(recipe, name, gpus), extras=tuple(method.extras(args, recipe, name)),
-        rollout=rollout, rollout_util=util, rollout_tokens=tokens, micro_batch=micro, batch_factor=method.batch_factor)
+        rollout=rollout, rollout_util=util, rollout_tokens=tokens, micro_batch=micro, batch_factor=method.batch_factor,
+        device=device)
 
 
 # ---------------------------------------------------------------- the estimate
@@ -385,11 +440,8 @@ def _activation_bytes(shape: ModelShape, s: Setup, *, logits: str) -> tuple[floa
         acts = tokens * shape.hidden * width * shape.layers + per_layer  # layer inputs + one layer recomputed
     else:
         acts = per_layer * shape.layers
-    if logits == "none":
-        return acts, 0.0
-    per_logit = width + (4 if width < 4 else 0) + 4  # logits, their fp32 upcast, log-softmax (ForCausalLMLoss)
-    logit_bytes = s.batch * s.logit_seq * shape.vocab * per_logit
-    return acts, logit_bytes / LOGITS_CHUNKS if s.liger or logits == "chunked" else logit_bytes
+    path = LOGITS.get(logits)
+    return acts, path.elements(s.batch * s.logit_seq, shape.vocab) * path.bytes_per_element(width, s.device)
 
 
 def _optimizer_bytes_per_param(s: Setup, param_bytes: int) -> float:
@@ -489,9 +541,11 @@ def _smaller_batch(shape: ModelShape, s: Setup, budget: float, gpu_mem_gib: floa
 
 
 def plan_recipe(recipe: Recipe, recipe_dir: Optional[Path] = None, *, gpus: Optional[int] = None,
-                gpu_mem_gib: Optional[float] = None, stages: Optional[list[str]] = None) -> dict[str, StagePlan]:
-    """Estimate every stage (or `stages`) of a loaded recipe; with `gpu_mem_gib`, say whether each fits in it
-    minus `FIT_RESERVE_GIB`, and what would make a stage that does not fit fit.
+                gpu_mem_gib: Optional[float] = None, stages: Optional[list[str]] = None,
+                device: str = PLAN_DEVICE) -> dict[str, StagePlan]:
+    """Estimate every stage (or `stages`) of a loaded recipe run on `device` (cuda, or cpu for the measured
+    check in bench/); with `gpu_mem_gib`, say whether each fits in it minus `FIT_RESERVE_GIB`, and what would make
+    a stage that does not fit fit.
 
     Raises:
         PlanError: a model's config.json cannot be found, or an accelerate config cannot be read.
@@ -499,7 +553,7 @@ def plan_recipe(recipe: Recipe, recipe_dir: Optional[Path] = None, *, gpus: Opti
     shape = model_shape(str(find_config(recipe.model.name_or_path, recipe_dir)))
     out = {}
     for name in stages or recipe.order():
-        s = stage_setup(recipe, name, gpus)
+        s = stage_setup(recipe, name, gpus, device)
         est = estimate(shape, s, gpu_mem_gib=gpu_mem_gib, stage=name)
         plan = StagePlan(est)
         if gpu_mem_gib is not None:

@@ -92,6 +92,37 @@ def _check_launch(recipe: Recipe, base: Path) -> list[Problem]:
     return problems
 
 
+FSDP_NEEDS_GPUS = (
+    "FSDP needs CUDA GPUs and this machine has none: on CPU accelerate (1.15) never sets FSDP up -- its gloo path "
+    "wraps the model in plain DDP, so the stage would run unsharded. Run it on GPUs; for several CPU processes use "
+    "`launch: {num_processes: N}` (DDP over gloo)")
+
+
+def gpu_only_launches(path: Path, recipe: Recipe, stages: list[str]) -> list[Problem]:
+    """What `stages` ask for that runs only on GPUs, on a machine without CUDA (`alignkit run` refuses it, exit 2):
+    FSDP, from an accelerate config's `distributed_type: FSDP` or the trainer's `args.fsdp`. Each problem names
+    the recipe key and its line in `path` (the recipe file `recipe` was loaded from)."""
+    import torch
+    import yaml
+
+    if torch.cuda.is_available():
+        return []
+    _, lines = parse_recipe(path)
+    problems = []
+    for name in stages:
+        st = recipe.stages[name]
+        key = ("stages", name, "launch") if st.launch else ("launch",)
+        config = recipe.stage_launch(name).accelerate_config
+        if config and (yaml.safe_load(Path(config).read_text()) or {}).get("distributed_type") == "FSDP":
+            problems.append(Problem(key + ("accelerate_config",), f"{config} has distributed_type FSDP. {FSDP_NEEDS_GPUS}"))
+        if st.args.get("fsdp"):
+            problems.append(Problem(("stages", name, "args", "fsdp"), f"fsdp: {st.args['fsdp']!r}. {FSDP_NEEDS_GPUS}"))
+    unique = list({(p.path, p.message): p for p in problems}.values())  # stages sharing the recipe's launch
+    for p in unique:
+        p.line = line_for(lines, p.path)
+    return unique
+
+
 # Sections of an accelerate config whose keys are `accelerate launch` options (accelerate merges them in by name).
 _LAUNCH_OPTION_SECTIONS = ("fsdp_config", "deepspeed_config")
 

@@ -90,6 +90,7 @@ CASES = [  # (name, model, method, adapter, gradient checkpointing, batch, max_l
     ("dpo-lora-h512", "h512", "dpo", {"r": 16, "dropout": 0.0}, False, 2, 256),
     ("dpo-full-h512", "h512", "dpo", None, False, 2, 256),
     ("sft-lora-smollm2-135m", "bundled:smollm2-135m-instruct", "sft", {"r": 16, "dropout": 0.0}, False, 2, 256),
+    ("orpo-lora-h512", "h512", "orpo", {"r": 16, "dropout": 0.0}, False, 2, 256),  # full logits (trl.experimental)
 ]
 MODELS = {"h64": dict(hidden=64, layers=1, intermediate=128, vocab=128),
           "h512": dict(hidden=512, layers=8, intermediate=1536, vocab=32000),
@@ -118,7 +119,7 @@ def prepare_case(case, work: Path):
               "data": {"d": {"path": "data.jsonl"}}, "stages": {"s": {"method": method, "data": ["d"], "args": args}}}
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     rec = load_recipe(folder / "recipe.yaml")
-    return rec, plan_recipe(rec, folder)["s"].estimate
+    return rec, plan_recipe(rec, folder, device="cpu")["s"].estimate  # the stage runs on this CPU
 
 
 def run_case(case, work: Path) -> dict:
@@ -161,7 +162,7 @@ def main() -> int:
         return child(sys.argv[2], sys.argv[3])
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory.json"))
-    parser.add_argument("--cases", nargs="*", help="case names (default: all)")
+    parser.add_argument("--cases", nargs="*", help="case names (default: all); the other rows of --out are kept")
     parser.add_argument("--reestimate", action="store_true", help="keep the measured rows of --out, redo the estimates")
     opts = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -174,6 +175,8 @@ def main() -> int:
             for m in measured:
                 _, est = prepare_case(next(c for c in CASES if c[0] == m["case"]), Path(tmp))
                 m.update(_estimated(est, m["measured_gib"] * 2**30))
+        elif opts.cases and Path(opts.out).is_file():  # run only these cases, keep the other recorded rows
+            measured = [m for m in json.loads(Path(opts.out).read_text())["measured_cpu"] if m["case"] not in opts.cases]
         for case in CASES if not opts.reestimate else []:
             if opts.cases and case[0] not in opts.cases:
                 continue

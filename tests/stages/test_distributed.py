@@ -262,6 +262,31 @@ def test_validate_names_the_accelerate_config_file_and_line(tmp_path, tiny_model
     assert "stages.sft.launch.accelerate_config" in out and f"{tmp_path / 'missing.yaml'} does not exist" in out
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_fsdp_on_cpu_is_refused_not_run_as_ddp(tmp_path, tiny_model_path):
+    """On CPU accelerate wraps an FSDP run in plain DDP (its gloo path has no FSDP): `run` refuses it before
+    anything starts (exit 2, the recipe's line and key); `validate` accepts the recipe, as for GPUs, with a note."""
+    from typer.testing import CliRunner
+
+    from alignment.cli import app
+
+    fsdp2 = REPO / "recipes" / "accelerate" / "fsdp2.yaml"
+    stages = {"sft": {"method": "sft", "data": ["sft"], "args": {"max_steps": 1}},
+              "sft2": {"method": "sft", "from": "sft", "data": ["sft"], "args": {"max_steps": 1, "fsdp": "full_shard"}}}
+    recipe = write_recipe(tmp_path, tiny_model_path, stages, launch={"accelerate_config": str(fsdp2), "num_processes": 2})
+    res = CliRunner().invoke(app, ["run", str(recipe), "--run-dir", str(tmp_path / "runs")])
+    assert res.exit_code == 2, res.output
+    out = " ".join(res.output.split())
+    lines = recipe.read_text().splitlines()
+    assert f"{recipe}:{lines.index('  accelerate_config: ' + str(fsdp2)) + 1}: launch.accelerate_config: {fsdp2} has distributed_type FSDP" in out
+    assert f"{recipe}:{lines.index('      fsdp: full_shard') + 1}: stages.sft2.args.fsdp" in out
+    assert "FSDP needs CUDA GPUs" in out and "plain DDP" in out
+    assert not (tmp_path / "runs" / "t" / "sft").exists()  # refused before the first stage started
+    res = CliRunner().invoke(app, ["validate", str(recipe)])
+    assert res.exit_code == 0, res.output
+    assert "launch.accelerate_config" in res.output and "refuses it" in res.output
+
+
 # ---------------------------------------------------------------- a shared vllm-server
 
 

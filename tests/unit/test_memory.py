@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from alignment.memory import GiB, METHODS, check_fits, model_shape, plan_recipe, sharding_of
+from alignment.memory import GiB, LOGITS, METHODS, check_fits, model_shape, plan_recipe, sharding_of
 from alignment.validate import load_recipe
 from tests.helpers import write_recipe
 
@@ -90,6 +90,45 @@ def test_methods_keep_their_extra_models(tiny_model_path, tmp_path):
                    model={"adapter": {"r": 4}})
     assert plan_recipe(full)["dpo"].estimate.parts["extra_models"] > 0  # a frozen reference copy
     assert plan_recipe(lora)["dpo"].estimate.parts["extra_models"] == 0  # the disabled adapter is the reference
+
+
+def test_trl_stages_hold_one_fused_lm_head_tile_not_the_logits(tmp_path, config_70b):
+    """TRL's fused LM head scores <= 4096 tokens x <= 32768 vocabulary entries at a time: the logits part stops
+    growing with the batch; on CUDA a tile is the bf16 buffer, on CPU the torch fallback's ~34 bytes per element."""
+    def logits(batch, length, device="cuda", method="sft"):
+        stages = {"s": {"method": method, "data": ["sft"], "args": {"per_device_train_batch_size": batch, "max_length": length}}}
+        rec = _recipe(tmp_path, config_70b, stages, model={"dtype": "bfloat16"})
+        return plan_recipe(rec, device=device)["s"].estimate.parts["logits"]
+
+    tile = 4096 * 32768  # vocab 128256 > 32768
+    assert logits(2, 2048) == logits(8, 2048) == tile * 2  # 4096 and 16384 tokens: one bf16 tile
+    assert logits(1, 1024) == 1024 * 32768 * 2
+    assert logits(2, 2048, device="cpu") == tile * 34
+    # ORPO (trl.experimental) takes the model's full logits: chosen + rejected x 1024 x vocab, 2 x 2 + 24 bytes
+    assert logits(1, 1024, method="orpo") == 2 * 1024 * 128256 * 28
+    assert LOGITS.get("chunked").elements(10_000, 128256) == 256 * 128256  # our PPO: 256-token chunks
+
+
+def test_the_fused_lm_head_rule_follows_the_installed_trl():
+    """The planner's tile and its list of fused methods are TRL's: a TRL that changes them fails here."""
+    import inspect
+
+    import trl.trainer.dpo_trainer
+    import trl.trainer.grpo_trainer
+    import trl.trainer.kto_trainer
+    import trl.trainer.rloo_trainer
+    import trl.trainer.sft_trainer
+    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    from alignment.memory import FUSED_TILE_TOKENS, FUSED_TILE_VOCAB
+
+    assert (FUSED_TILE_TOKENS, FUSED_TILE_VOCAB) == (TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE)
+    for method, module in (("sft", trl.trainer.sft_trainer), ("dpo", trl.trainer.dpo_trainer),
+                           ("kto", trl.trainer.kto_trainer), ("grpo", trl.trainer.grpo_trainer),
+                           ("rloo", trl.trainer.rloo_trainer)):
+        assert "add_fused_lm_head(" in inspect.getsource(module), method
+        assert METHODS.get(method).logits == "fused", method
 
 
 def test_every_stage_method_has_a_memory_model():
