@@ -391,7 +391,8 @@ def _undecorated_classes() -> Iterator[dict[type, type]]:
     decorate = decorators._support_torch_compile
 
     def recording(cls, *args, **kwargs):
-        found.setdefault(cls, (cls.__bases__, dict(cls.__dict__)))
+        if cls.__module__.partition(".")[0] != "vllm":  # vLLM's own model classes are its to decorate
+            found.setdefault(cls, (cls.__bases__, dict(cls.__dict__)))
         return decorate(cls, *args, **kwargs)
 
     decorators._support_torch_compile = recording
