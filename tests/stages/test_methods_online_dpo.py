@@ -82,6 +82,7 @@ def test_bad_settings_are_refused_with_the_recipe_key(tmp_path, tiny_model_path,
     assert code == 2 and message in out, out
 
 
+@pytest.mark.slow  # three stages: 7 min wall with this machine oversubscribed
 def test_online_dpo_judged_by_an_earlier_reward_model_stage(tmp_path, tiny_model_path):
     """Issue 18: sft -> rm (a `reward` stage on preference pairs) -> online_dpo whose pairs the rm judges, with
     LoRA; each stage ends done and every online_dpo step logs the rm's scores of the sampled pairs."""
