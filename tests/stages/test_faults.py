@@ -56,11 +56,55 @@ def test_a_killed_stage_reruns_to_one_complete_artifact(tmp_path, tiny_model_pat
     assert rerun.exit_code == 0, rerun.output
     assert run_dir.done(method) and (run_dir.model_dir(method) / "alignkit_model.json").exists()
     assert sorted(p.name for p in run_dir.stage_dir(method).iterdir() if p.name.startswith("model")) == ["model"]
+    assert [r["step"] for r in run_dir.read_metrics(method) if "loss" in r] == [1, 2, 3]  # each step once
     child = capfd.readouterr().out  # the stage process's own output
     if fault == "save":
         assert f"checkpoint-2 of {method} is incomplete (cut off while saving); resuming from checkpoint-1" in child
     if fault != "data":
         assert "resuming" in rerun.output
+
+
+RL_ARGS = {"max_steps": 3, "save_steps": 1, "per_device_train_batch_size": 2, "learning_rate": 1.0e-3}
+RL = {  # the generating methods: hf rollouts, 2 completions of 4 tokens per prompt
+    "grpo": {"method": "grpo", "args": {**RL_ARGS, "beta": 0.0}},
+    "ppo": {"method": "ppo", "args": RL_ARGS},
+}
+RL_FAULTS = [  # (environment of a killed run, what that run says), in order, on one run directory
+    ({FAULT_ENV: "data"}, None),
+    ({FAULT_ENV: "save@2"}, None),  # checkpoint-2 cut off while saving
+    ({"ALIGNKIT_FAULT_KILL_AFTER_SAVE": "2"},  # mid-training, right after checkpoint-2
+     "checkpoint-2 of {m} is incomplete (cut off while saving); resuming from checkpoint-1"),
+    ({FAULT_ENV: "artifact"}, "resuming {m} from checkpoint-2"),
+]
+
+
+@pytest.mark.slow  # 5 runs each: 1.5-2 min of CPU (5-8 min wall with this 2-core machine 4x oversubscribed)
+@pytest.mark.parametrize("method", list(RL))
+def test_a_generating_stage_killed_at_each_point_in_turn_ends_done(tmp_path, tiny_model_path, method, capfd):
+    """GRPO and PPO: one run directory, the stage child killed (SIGKILL) at each point in turn -- data ready,
+    checkpoint-2 cut off while saving, right after checkpoint-2 is written again, the artifact half-written -- each
+    rerun going on from what the last one left; no killed run leaves a stage that looks done or an artifact, and
+    each step is logged once."""
+    rows = [{"prompt": [{"role": "user", "content": f"say {i}"}]} for i in range(8)]
+    write_jsonl(tmp_path / "prompts.jsonl", rows)
+    stage = {**RL[method], "data": ["prompts"], "rewards": [{"name": "tests.stages.test_grpo.sevens"}],
+             "rollout": {"backend": "hf", "num_generations": 2, "max_new_tokens": 4}}
+    recipe = write_recipe(tmp_path, tiny_model_path, {method: stage}, data={"prompts": {"path": "prompts.jsonl"}})
+    runs, run_dir = tmp_path / "runs", RunDir(tmp_path / "runs" / "t")
+    for env, says in RL_FAULTS:
+        killed = run_cli(recipe, "--run-dir", runs, env=env)
+        assert killed.exit_code == 1 and "exit code -9" in killed.output, (env, killed.output)
+        assert manifest(run_dir.path, method)["status"] == "failed" and not run_dir.done(method)
+        assert not run_dir.model_dir(method).exists()  # a cut-off artifact is never taken as done
+        if says:
+            assert says.format(m=method) in capfd.readouterr().out, env  # the stage process's own output
+        capfd.readouterr()
+    rerun = run_cli(recipe, "--run-dir", runs)
+    assert rerun.exit_code == 0, rerun.output
+    assert "resuming" in rerun.output
+    assert run_dir.done(method) and (run_dir.model_dir(method) / "alignkit_model.json").exists()
+    assert sorted(p.name for p in run_dir.stage_dir(method).iterdir() if p.name.startswith("model")) == ["model"]
+    assert [r["step"] for r in run_dir.read_metrics(method) if "reward/mean" in r] == [1, 2, 3]  # each step once
 
 
 def test_a_stale_lock_of_a_dead_run_is_taken_over_saying_so(tmp_path, capfd):

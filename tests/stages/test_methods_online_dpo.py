@@ -4,6 +4,8 @@ reference = TRL's frozen copy; adapters go through the same ctx.peft_config as d
 are pinned; bad inputs are refused at validate time."""
 from __future__ import annotations
 
+import math
+
 import pytest
 from typer.testing import CliRunner
 
@@ -78,3 +80,34 @@ def test_pairs_instead_of_prompts_are_refused_with_file_line_and_columns(tmp_pat
 def test_bad_settings_are_refused_with_the_recipe_key(tmp_path, tiny_model_path, stage, message):
     code, out = _validate(odpo_recipe(tmp_path, tiny_model_path, **stage))
     assert code == 2 and message in out, out
+
+
+@pytest.mark.slow  # three stages: 7 min wall with this machine oversubscribed
+def test_online_dpo_judged_by_an_earlier_reward_model_stage(tmp_path, tiny_model_path):
+    """Issue 18: sft -> rm (a `reward` stage on preference pairs) -> online_dpo whose pairs the rm judges, with
+    LoRA; each stage ends done and every online_dpo step logs the rm's scores of the sampled pairs."""
+    from tests.helpers import sum_rows
+
+    write_jsonl(tmp_path / "sft.jsonl", sum_rows(8))
+    write_jsonl(tmp_path / "pairs.jsonl", pair_rows(8))
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in sum_rows(8, seed=1)])
+    data = {n: {"path": f"{n}.jsonl"} for n in ("sft", "pairs", "prompts")}
+    common = {"per_device_train_batch_size": 4, "max_steps": 2, "learning_rate": 1.0e-3, "save_steps": 100}
+    stages = {
+        "sft": {"method": "sft", "data": ["sft"], "args": common},
+        "rm": {"method": "reward", "from": "sft", "data": ["pairs"], "args": common},
+        "odpo": {"method": "online_dpo", "from": "sft", "data": ["prompts"],
+                 "rewards": [{"name": "reward_model", "stage": "rm"}],
+                 "rollout": {"max_new_tokens": 4}, "args": {**common, "beta": 0.1}},
+    }
+    recipe = write_recipe(tmp_path, tiny_model_path, stages, data=data,
+                          model={"adapter": {"method": "lora", "r": 4, "alpha": 8}})
+    res = run_cli(recipe, "--run-dir", tmp_path / "runs")
+    assert res.exit_code == 0, res.output
+    run_dir = tmp_path / "runs" / "t"
+    assert [manifest(run_dir, s)["status"] for s in stages] == ["done"] * 3
+    rows = [m for m in metrics(run_dir, "odpo") if "reward/mean" in m]
+    assert [m["step"] for m in rows] == [1, 2]
+    for m in rows:  # the rm scored every sampled completion, and told the two of each pair apart
+        assert m["reward/reward_model/missing"] == 0 and math.isfinite(m["reward/mean"]), m
+        assert m["reward/pair_margin"] > 0, m
