@@ -147,8 +147,9 @@ def _plan_run(recipe: Path, stage, force, run_dir, gpu_mem, no_memory_check, num
 
 def _plan_in_child(options: list[str]) -> dict:
     """`alignkit run OPTIONS --plan-to FILE` in a short-lived child process (`_plan_run`), its output relayed to
-    this process's: the validation's imports (torch, transformers, TRL: ~0.5 GiB, ~20 s of CPU) are gone before any
-    stage starts. The child's exit code is this command's when it is not 0."""
+    this process's: the checks' imports (torch, transformers, TRL: ~0.5 GiB RSS) are gone before any stage starts,
+    though their CPU time (~19 s on a 2-core CPU, bench/README.md) is still paid once more than a stage pays it.
+    A child that fails ends this command with its exit code (1 if a signal killed it)."""
     import os
     import tempfile
 
@@ -168,7 +169,7 @@ def _plan_in_child(options: list[str]) -> dict:
         for thread in relays:
             thread.join()
         if code != 0:
-            raise typer.Exit(code)
+            raise typer.Exit(code if code > 0 else 1)
         return json.loads(out.read_text())
 
 
