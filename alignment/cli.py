@@ -4,6 +4,7 @@ Exit codes: 0 ok, 1 a stage failed or the run directory is busy, 2 bad recipe or
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -64,31 +65,26 @@ def run(
     machine_rank: Optional[int] = typer.Option(None, "--machine-rank", help="this machine's rank, 0 = the one that owns the run directory (default: SLURM_NODEID, else 0)"),
     main_process_ip: Optional[str] = typer.Option(None, "--main-process-ip", help="address of machine rank 0 (default: the first host of SLURM_JOB_NODELIST)"),
     main_process_port: Optional[int] = typer.Option(None, "--main-process-port", help="rendezvous port on machine rank 0 (default 29500)"),
+    plan_to: Optional[Path] = typer.Option(None, "--plan-to", hidden=True, help="only check and plan, into this JSON file"),
 ):
     """Run every stage of RECIPE in order, skipping stages already done and resuming cut-off ones."""
-    import os
-
-    from alignment.pipeline import Machines, Pipeline, RunLocked, StageFailed
+    from alignment.pipeline import Pipeline, RunLocked, StageFailed
     from alignment.rundir import DiskFull
 
-    rec = _load(recipe, check_data=True)
-    if stage is not None and stage not in rec.stages:
-        from alignment.registry import did_you_mean
+    from rewards import add_recipe_folder
 
-        err.print(f"[bold red]error:[/] no stage '{stage}' in {recipe}{did_you_mean(stage, rec.stages)}; stages: {', '.join(rec.stages)}")
-        raise typer.Exit(2)
-    try:
-        machines = Machines.from_env(dict(os.environ), num=num_machines, rank=machine_rank, main_ip=main_process_ip,
-                                     main_port=main_process_port)
-    except ValueError as e:
-        err.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(2) from None
-    pipe = Pipeline(rec, run_dir, console=console, machines=machines)
-    wanted = set(rec.ancestors(stage) if stage else rec.order())
-    todo = [s.name for s in pipe.status() if s.name in wanted and (force or s.state != "done")]
-    _check_launches(recipe, rec, todo)
-    if not no_memory_check:
-        _check_memory(pipe, recipe.parent, todo, gpu_mem)
+    if plan_to is not None:  # the short-lived child of `_plan_in_child`
+        plan_to.write_text(json.dumps(_plan_run(recipe, stage, force, run_dir, gpu_mem, no_memory_check, num_machines,
+                                                machine_rank, main_process_ip, main_process_port)))
+        return
+    options = [str(recipe), "--run-dir", str(run_dir)] + (["--stage", stage] if stage else []) + (["--force"] if force else [])
+    options += ([] if gpu_mem is None else ["--gpu-mem", repr(gpu_mem)]) + (["--no-memory-check"] if no_memory_check else [])
+    for flag, value in (("--num-machines", num_machines), ("--machine-rank", machine_rank),
+                        ("--main-process-ip", main_process_ip), ("--main-process-port", main_process_port)):
+        options += [] if value is None else [flag, str(value)]
+    add_recipe_folder(recipe.parent)  # user rewards beside the recipe import in the stage processes
+    pipe = Pipeline.from_plan(_plan_in_child(options), console=console)
+    rec, machines = pipe.recipe, pipe.machines
     console.print(f"[bold]alignkit[/] {rec.name}: {' → '.join(rec.ancestors(stage) if stage else rec.order())}  [dim]run dir {pipe.run_dir}[/]")
     try:
         rows = pipe.run(only=stage, force=force)
@@ -117,6 +113,82 @@ def run(
 
         console.print(f"report: [bold]{write_report(pipe.run_dir)}[/]")
     _print_alarms(rec, pipe.run_dir)
+
+
+def _plan_run(recipe: Path, stage, force, run_dir, gpu_mem, no_memory_check, num_machines, machine_rank, main_ip,
+              main_port) -> dict:
+    """`run`'s checks, which import torch and TRL (`_load`, the stage name, the machines, `Pipeline.plan`, then
+    `_check_launches` and `_check_memory` of the stages that will run); a problem prints one error and exits 2."""
+    import os
+
+    from alignment.pipeline import Machines, Pipeline
+
+    rec = _load(recipe, check_data=True)
+    if stage is not None and stage not in rec.stages:
+        from alignment.registry import did_you_mean
+
+        err.print(f"[bold red]error:[/] no stage '{stage}' in {recipe}{did_you_mean(stage, rec.stages)}; stages: {', '.join(rec.stages)}")
+        raise typer.Exit(2)
+    try:
+        machines = Machines.from_env(dict(os.environ), num=num_machines, rank=machine_rank, main_ip=main_ip,
+                                     main_port=main_port)
+    except ValueError as e:
+        err.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    plan = Pipeline(rec, run_dir, console=console, machines=machines).plan()
+    pipe = Pipeline.from_plan(plan)
+    wanted = set(rec.ancestors(stage) if stage else rec.order())
+    todo = [s.name for s in pipe.status() if s.name in wanted and (force or s.state != "done")]
+    _check_launches(recipe, rec, todo)
+    if not no_memory_check:
+        _check_memory(pipe, recipe.parent, todo, gpu_mem)
+    return plan
+
+
+def _plan_in_child(options: list[str]) -> dict:
+    """`alignkit run OPTIONS --plan-to FILE` in a short-lived child process (`_plan_run`), its output relayed to
+    this process's: the checks' imports (torch, transformers, TRL: ~0.5 GiB RSS) are gone before any stage starts,
+    though their CPU time (~19 s on a 2-core CPU, bench/README.md) is still paid once more than a stage pays it.
+    A child that fails ends this command with its exit code (1 if a signal killed it)."""
+    import os
+    import tempfile
+
+    from alignment import procs
+
+    env = dict(os.environ, COLUMNS=str(console.width), **({"FORCE_COLOR": "1"} if console.is_terminal else {}))
+    with tempfile.TemporaryDirectory(prefix="alignkit-plan-") as tmp:
+        out = Path(tmp) / "plan.json"
+        proc = procs.spawn([sys.executable, "-m", "alignment.cli", "run", *options, "--plan-to", str(out)], env=env,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        relays = [_relay(proc.stdout, sys.stdout), _relay(proc.stderr, sys.stderr)]
+        try:
+            code = procs.wait(proc)
+        except KeyboardInterrupt:
+            procs.stop(proc)
+            raise
+        for thread in relays:
+            thread.join()
+        if code != 0:
+            raise typer.Exit(code if code > 0 else 1)
+        return json.loads(out.read_text())
+
+
+def _relay(source, sink):
+    """A thread copying the pipe `source` to the text stream `sink` as it comes (progress bars included)."""
+    import codecs
+    import os
+    import threading
+
+    def copy():
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while chunk := os.read(source.fileno(), 65536):
+            sink.write(decoder.decode(chunk))
+            sink.flush()
+        source.close()
+
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+    return thread
 
 
 def _print_alarms(recipe, run_dir: Path) -> None:

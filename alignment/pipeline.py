@@ -23,14 +23,13 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from alignment.recipe import BASE, Recipe, stage_dependencies
+from alignment.recipe import BASE, Recipe, dump_recipe, parse_resolved, stage_dependencies
 from alignment.rundir import RunDir
 from alignment.stage import INPUT_ERROR_EXIT
-from alignment.stages import effective_args
 
 VERSIONED = ("torch", "transformers", "trl", "peft")
 
@@ -124,6 +123,7 @@ def stage_inputs(recipe: Recipe, name: str, fingerprints: dict[str, str]) -> dic
     records its model's contents (`models.model_digest`: config, tokenizer, weights), not its location."""
     from alignment.data import dataset_digest
     from alignment.models import model_digest
+    from alignment.stages import effective_args
 
     st = recipe.stages[name]
     dropped = recipe.decontaminate is not None and recipe.decontaminate.action == "drop"
@@ -221,6 +221,11 @@ class StageStatus:
 
 
 class Pipeline:
+    """The stages of a recipe in one run directory. `plan` computes what needs torch and TRL (each stage's inputs,
+    with the registered defaults, and its launch command); a pipeline made `from_plan` runs the stages without
+    importing either: `alignkit run` plans in a short-lived child, so the process that waits on the stages stays
+    light."""
+
     def __init__(self, recipe: Recipe, run_root: Path | str = "runs", *, console=None, machines: Machines = Machines()):
         from rich.console import Console
 
@@ -228,14 +233,40 @@ class Pipeline:
         self.run_dir = Path(run_root).resolve() / recipe.name
         self.rundir = RunDir(self.run_dir)
         self.console = console or Console(highlight=False)
+        self._planned: Optional[dict] = None  # `from_plan`: {"inputs": {stage: inputs}, "commands": {stage: argv}}
+
+    def plan(self) -> dict:
+        """What running needs that imports torch and TRL, as JSON: the resolved recipe, each stage's inputs
+        (`stage_inputs`, in order) and launch command (`command`), the run root and the machines."""
+        inputs = self.inputs()
+        return {"recipe": dump_recipe(self.recipe), "run_root": str(self.run_dir.parent), "machines": asdict(self.machines),
+                "inputs": json.loads(json.dumps(inputs, default=str)),  # as `fingerprint` hashes them
+                "commands": {name: self.command(name) for name in inputs}}
+
+    @classmethod
+    def from_plan(cls, plan: dict, *, console=None) -> "Pipeline":
+        """A pipeline that takes its stages' inputs and commands from `plan` (`Pipeline.plan`): it does not import
+        torch, transformers or TRL. Whether each stage is done is still read from the run directory when asked."""
+        pipe = cls(parse_resolved(plan["recipe"]), plan["run_root"], console=console, machines=Machines(**plan["machines"]))
+        pipe._planned = plan
+        return pipe
+
+    def inputs(self) -> dict[str, dict]:
+        """Each stage's inputs (`stage_inputs`), in the recipe's order."""
+        if self._planned is not None:
+            return self._planned["inputs"]
+        fps: dict[str, str] = {}
+        out = {}
+        for name in self.recipe.order():
+            out[name] = stage_inputs(self.recipe, name, fps)
+            fps[name] = fingerprint(out[name])
+        return out
 
     def status(self) -> list[StageStatus]:
         """Each stage in order, with its fingerprint and whether it is done, resumable or to run."""
-        fps: dict[str, str] = {}
         out = []
-        for name in self.recipe.order():
-            inputs = stage_inputs(self.recipe, name, fps)
-            fp = fps[name] = fingerprint(inputs)
+        for name, inputs in self.inputs().items():
+            fp = fingerprint(inputs)
             man = self.rundir.read_manifest(name)
             method = self.recipe.stages[name].method
             if man is None:
@@ -359,7 +390,10 @@ class Pipeline:
           process group without MPI, which is why CPU goes through torchrun.
 
         `num_processes` counts this machine's processes; accelerate is given the total over all machines.
+        A pipeline made `from_plan` returns the planned command.
         """
+        if self._planned is not None:
+            return self._planned["commands"][name]
         import torch
 
         launch, machines = self.recipe.stage_launch(name), self.machines

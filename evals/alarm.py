@@ -144,14 +144,12 @@ def improved(change: Change, higher_is_better: bool, gain_se: float) -> bool:
 
 
 def reward_hacking_alarms(recipe: Recipe, run_dir: Path | str) -> list[Alarm]:
-    """The alarms of a run directory's RL stages (see the module docstring), in pipeline order."""
-    from alignment.stages import STAGES, load_stages
-
-    load_stages()
+    """The alarms of a run directory's RL stages (see the module docstring), in pipeline order. `recipe` is the
+    resolved one (`RunDir.read_recipe`), where every stage whose method generates has its `rollout:` section:
+    that names the RL stages without importing the stage methods (and torch) into `alignkit run`."""
     rundir, cfg, alarms = RunDir(run_dir), recipe.reward_hacking, []
     for stage in recipe.order():
-        method = recipe.stages[stage].method
-        if method not in STAGES or not STAGES.get(method).generates or rundir.read_manifest(stage) is None:
+        if recipe.stages[stage].rollout is None or rundir.read_manifest(stage) is None:
             continue
         rows, start = rundir.read_metrics(stage), recipe.stages[stage].from_
         rise = reward_rise(rows)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -35,6 +37,46 @@ def test_sft_trains_skips_when_done_and_reruns_when_stale(tmp_path, tiny_model_p
     res = run_cli(recipe, "--run-dir", tmp_path / "runs")
     assert res.exit_code == 0 and "rerunning from scratch (changed: args.max_steps)" in res.output
     assert len(losses(run_dir, "sft")) == 4
+
+
+# `alignkit run` in a process where importing torch, transformers or TRL fails: only its children may import them.
+NO_TORCH_RUN = """
+import sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "transformers", "trl"):
+            raise ImportError(f"the orchestrator imported {name}")
+
+sys.meta_path.insert(0, NoTorch())
+from alignment.cli import main
+main()
+"""
+
+
+def test_the_orchestrator_never_imports_torch(tmp_path, tiny_model_path):
+    """The checks and the plan run in a short-lived child: the process that waits on the stages stays light, and
+    runs, skips and refuses as before."""
+    recipe = write_recipe(tmp_path, tiny_model_path, {"sft": {**SFT, "args": {**SFT["args"], "max_steps": 2}}})
+    orchestrate = [sys.executable, "-c", NO_TORCH_RUN, "run", str(recipe), "--run-dir", str(tmp_path / "runs")]
+    res = subprocess.run(orchestrate, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert manifest(tmp_path / "runs" / "t", "sft")["status"] == "done"
+    res = subprocess.run(orchestrate, capture_output=True, text=True)
+    assert res.returncode == 0 and "done, skipped" in res.stdout, res.stdout + res.stderr
+
+    recipe.write_text(recipe.read_text().replace("learning_rate:", "learning_rat:"))
+    res = subprocess.run(orchestrate, capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown SFTConfig argument 'learning_rat'" in res.stderr, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr and "rerun" not in res.stderr
+
+
+def test_a_planned_pipeline_is_the_computed_one(tmp_path, tiny_model_path):
+    rec = load_recipe(write_recipe(tmp_path, tiny_model_path, {"a": SFT, "b": {**SFT, "from": "a"}}))
+    pipe = Pipeline(rec, tmp_path / "runs")
+    planned = Pipeline.from_plan(json.loads(json.dumps(pipe.plan())))
+    assert planned.status() == pipe.status() and planned.run_dir == pipe.run_dir
+    assert planned.command("b") == pipe.command("b") and planned.recipe == rec
 
 
 def test_killed_stage_resumes_from_its_last_checkpoint(tmp_path, tiny_model_path):
