@@ -73,17 +73,22 @@ def run(
 
     from rewards import add_recipe_folder
 
+    planning = (recipe, stage, force, run_dir, gpu_mem, no_memory_check, num_machines, machine_rank, main_process_ip,
+                main_process_port)
     if plan_to is not None:  # the short-lived child of `_plan_in_child`
-        plan_to.write_text(json.dumps(_plan_run(recipe, stage, force, run_dir, gpu_mem, no_memory_check, num_machines,
-                                                machine_rank, main_process_ip, main_process_port)))
+        plan_to.write_text(json.dumps(_plan_run(*planning)))
         return
-    options = [str(recipe), "--run-dir", str(run_dir)] + (["--stage", stage] if stage else []) + (["--force"] if force else [])
-    options += ([] if gpu_mem is None else ["--gpu-mem", repr(gpu_mem)]) + (["--no-memory-check"] if no_memory_check else [])
-    for flag, value in (("--num-machines", num_machines), ("--machine-rank", machine_rank),
-                        ("--main-process-ip", main_process_ip), ("--main-process-port", main_process_port)):
-        options += [] if value is None else [flag, str(value)]
     add_recipe_folder(recipe.parent)  # user rewards beside the recipe import in the stage processes
-    pipe = Pipeline.from_plan(_plan_in_child(options), console=console)
+    if "torch" in sys.modules:  # a caller that holds torch already (a library user, the tests): nothing to keep light
+        plan = _plan_run(*planning)
+    else:
+        options = [str(recipe), "--run-dir", str(run_dir)] + (["--stage", stage] if stage else []) + (["--force"] if force else [])
+        options += ([] if gpu_mem is None else ["--gpu-mem", repr(gpu_mem)]) + (["--no-memory-check"] if no_memory_check else [])
+        for flag, value in (("--num-machines", num_machines), ("--machine-rank", machine_rank),
+                            ("--main-process-ip", main_process_ip), ("--main-process-port", main_process_port)):
+            options += [] if value is None else [flag, str(value)]
+        plan = _plan_in_child(options)
+    pipe = Pipeline.from_plan(plan, console=console)
     rec, machines = pipe.recipe, pipe.machines
     console.print(f"[bold]alignkit[/] {rec.name}: {' → '.join(rec.ancestors(stage) if stage else rec.order())}  [dim]run dir {pipe.run_dir}[/]")
     try:
