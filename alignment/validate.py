@@ -11,6 +11,7 @@ import graphlib
 import json
 import os
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -41,6 +42,7 @@ def load_recipe(path: str | Path, *, check_args: bool = True) -> Recipe:
     path = Path(path)
     recipe, lines = parse_recipe(path)
     _fill_rollouts(recipe)
+    _upgrade_args(recipe, lines, path)
     _absolutize(recipe, path.parent.resolve())  # first: checks that read a teacher's or judge's files find them
     problems = check_recipe(recipe, check_args=check_args) + _check_launch(recipe, path.parent.resolve())
     for p in problems:
@@ -57,6 +59,17 @@ def _fill_rollouts(recipe: Recipe) -> None:
     for st in recipe.stages.values():
         if st.rollout is None and st.method in STAGES and STAGES.get(st.method).generates:
             st.rollout = RolloutConfig()
+
+
+def _upgrade_args(recipe: Recipe, lines, path: Path) -> None:
+    """Arguments a method has renamed since a recipe was written are read under their new names (the method's
+    `upgrade`), each rewrite told on stderr with its file:line -- an old recipe keeps working and says how to
+    update it."""
+    for name, st in recipe.stages.items():
+        upgrade = STAGES.get(st.method).upgrade if st.method in STAGES else None
+        for note in upgrade(recipe, name) if upgrade else []:
+            key = ".".join(map(str, note.path))
+            print(f"alignkit: warning: {path}:{line_for(lines, note.path) or 1}: {key}: {note.message}", file=sys.stderr)
 
 
 def _absolutize(recipe: Recipe, base: Path) -> None:

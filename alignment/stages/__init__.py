@@ -41,12 +41,14 @@ Defaults = Union[dict[str, Any], Callable[[Recipe, str], dict[str, Any]]]
 
 def stage(name: str, *, config: Optional[Callable[[], type]] = None, formats: tuple[str, ...] = (),
           check: Optional[Callable[[Recipe, str], list]] = None, defaults: Optional[Defaults] = None,
-          generates: bool = False):
-    """Register a stage function under `name` (see the module docstring)."""
+          generates: bool = False, upgrade: Optional[Callable[[Recipe, str], list]] = None):
+    """Register a stage function under `name` (see the module docstring). `upgrade(recipe, name)` rewrites
+    argument names the method used to take into today's, in the recipe, and returns one `Problem` (a warning: key
+    path and what it became) per rewrite."""
 
     def decorator(fn):
         fn.config_class, fn.formats, fn.check = config, formats, check
-        fn.defaults, fn.generates = defaults or {}, generates
+        fn.defaults, fn.generates, fn.upgrade = defaults or {}, generates, upgrade
         return STAGES.register(name)(fn)
 
     return decorator

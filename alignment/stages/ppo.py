@@ -809,7 +809,39 @@ def _defaults(recipe, name):
     return {"seed": recipe.seed}
 
 
-@stage("ppo", config=lambda: PPOConfig, formats=("prompt",), check=_check, defaults=_defaults, generates=True)
+def _upgrade(recipe, name):
+    """PPO args of alignkit before it took TRL's names (the issue-14 rename): `num_minibatches` ->
+    `num_mini_batches`, `adam_eps` -> `adam_epsilon`, and the rollout given as `batch_size` prompts (x
+    `rollout.num_generations` sequences) with `micro_batch_size` sequences per forward/backward ->
+    `per_device_train_batch_size` = the micro batch (unset: a whole minibatch) and `gradient_accumulation_steps`
+    = micro batches per minibatch. The same rollout and steps as before, on one process. Returns one warning
+    `Problem` per rewritten key."""
+    from alignment.recipe import Problem
+
+    spec, notes = recipe.stages[name], []
+    args, where = spec.args, ("stages", name, "args")
+    for old, new in (("num_minibatches", "num_mini_batches"), ("adam_eps", "adam_epsilon")):
+        if old in args and new not in args:
+            args[new] = args.pop(old)
+            notes.append(Problem(where + (old,), f"'{old}' is now '{new}' (TRL's name): read as {new}: {args[new]}"))
+    if "batch_size" in args and "per_device_train_batch_size" not in args:
+        prompts, micro = args.pop("batch_size"), args.pop("micro_batch_size", None)
+        try:
+            minibatch = int(prompts) * spec.rollout.num_generations // int(args.get("num_mini_batches", 2))
+            micro = int(micro or minibatch)
+        except (TypeError, ValueError):  # not numbers: PPOConfig's own check names them
+            args["per_device_train_batch_size"] = prompts
+            return notes
+        args["per_device_train_batch_size"], args["gradient_accumulation_steps"] = micro, max(1, minibatch // micro)
+        notes.append(Problem(where + ("batch_size",), (
+            f"'batch_size' (prompts per rollout) is gone: the rollout is now per_device_train_batch_size x "
+            f"gradient_accumulation_steps x num_mini_batches sequences per process; read as "
+            f"per_device_train_batch_size: {micro}, gradient_accumulation_steps: {max(1, minibatch // micro)}")))
+    return notes
+
+
+@stage("ppo", config=lambda: PPOConfig, formats=("prompt",), check=_check, defaults=_defaults, generates=True,
+       upgrade=_upgrade)
 def run(ctx: StageContext) -> StageResult:
     from accelerate import DistributedType
 

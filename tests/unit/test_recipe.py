@@ -246,3 +246,43 @@ def test_bf16_supported_reads_the_cpu_flags(monkeypatch):
     for flags, native in (("fpu avx2 fma", False), ("avx2 avx512f avx512_bf16", True), ("avx2 amx_bf16 amx_tile", True)):
         monkeypatch.setattr(models.Path, "read_text", lambda self, flags=flags: f"flags\t\t: {flags}\n")
         assert models.bf16_supported() is native
+
+
+OLD_PPO = """\
+name: old-ppo
+model: {name_or_path: some/model}
+data:
+  prompts: {path: prompts.jsonl}
+stages:
+  ppo:
+    method: ppo
+    data: [prompts]
+    rewards: [{name: math_accuracy}]
+    rollout: {num_generations: 4}
+    args:
+      batch_size: 8
+      num_minibatches: 2
+      micro_batch_size: 4
+      adam_eps: 1.0e-6
+"""
+
+
+def test_renamed_ppo_args_are_read_under_their_new_names_with_a_warning(tmp_path, capsys):
+    """alignkit's PPO args before TRL's names (batch_size prompts, num_minibatches, micro_batch_size, adam_eps):
+    an old recipe trains the same rollout (8 prompts x 4 = 32 sequences, 2 minibatches of 16, micro batches of 4)
+    and each rewrite is told with its line."""
+    p = write(tmp_path, OLD_PPO)
+    args = load_recipe(p).stages["ppo"].args
+    assert args == {"num_mini_batches": 2, "adam_epsilon": 1.0e-6, "per_device_train_batch_size": 4,
+                    "gradient_accumulation_steps": 4}
+    from alignment.stages.ppo import PPOConfig
+
+    assert PPOConfig(**args).rollout_size == 8 * 4
+    err = capsys.readouterr().err
+    assert f"{p}:13: stages.ppo.args.num_minibatches: 'num_minibatches' is now 'num_mini_batches'" in err
+    assert f"{p}:12: stages.ppo.args.batch_size:" in err and "gradient_accumulation_steps: 4" in err
+
+
+def test_old_and_new_ppo_names_together_are_not_rewritten(tmp_path):
+    p = write(tmp_path, OLD_PPO.replace("      adam_eps: 1.0e-6\n", "      adam_eps: 1.0e-6\n      adam_epsilon: 1.0e-6\n"))
+    assert "unknown PPOConfig argument 'adam_eps' (did you mean 'adam_epsilon'?)" in error_of(p)
