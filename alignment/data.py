@@ -225,7 +225,8 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                column = min(e.pos, len(line.rstrip("\r\n"))) + 1  # a row cut short fails past its newline
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {column})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
             rows.append(row)

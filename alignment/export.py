@@ -84,6 +84,16 @@ def _dtype(name: str, recipe: Recipe):
     return getattr(torch, chosen) if isinstance(chosen, str) else chosen
 
 
+def _shareable(folder: Path) -> None:
+    """Every file of `folder` with the mode a plain write under this umask gives (0644 under umask 022): the
+    weights come from a private temp file (0600), and an export is made to be read by others (a server, a hub)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
 def save_weights(weights: str, head: str, dtype, into: Path) -> None:
     """Full weights from `weights` (a merged stage folder) into `into`: dequantized, cast to `dtype`, safetensors
     only, with the tokenizer (chat template included) and, for a generating model, `generation_config.json`."""
@@ -266,6 +276,7 @@ def export(run_dir: Path | str, out: Path | str, *, stage: Optional[str] = None,
             prompts = check_prompts(recipe, stage)
             check_export(tmp, weights, prompts, backend=backend, dtype=torch_dtype)
             log(f"checked: {len(prompts)} greedy answers of the export match the stage's")
+        _shareable(tmp)
         if out.is_dir():
             out.rmdir()  # empty (checked above): the rename needs the name free
         os.replace(tmp, out)

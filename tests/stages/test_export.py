@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -57,6 +58,9 @@ def test_export_is_the_merged_lineage_and_answers_as_the_stage_did(run_dir, tmp_
     files = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth")) or f == "alignkit_model.json"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {f: oct(0o666 & ~umask) for f in files}
     assert AutoTokenizer.from_pretrained(out).chat_template  # the chat template travels with it
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 1 and generation["pad_token_id"] == 0

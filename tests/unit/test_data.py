@@ -31,7 +31,14 @@ def test_blank_lines_do_not_shift_line_numbers(tmp_path):
 def test_bad_json_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"text": "ok"}\n{"text": oops}\n')
-    with pytest.raises(DataError, match=rf"{p}:2: not valid JSON"):
+    with pytest.raises(DataError, match=rf"{p}:2: not valid JSON \(Expecting value at column 10\)"):
+        load("d", cfg(p))
+
+
+def test_a_row_cut_short_is_placed_at_its_own_end(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "ok"}\n{"text": "cut", \n{"text": "ok"}\n')
+    with pytest.raises(DataError, match=rf"{p}:2: not valid JSON \(.* at column 17\)"):
         load("d", cfg(p))
 
 
