@@ -305,11 +305,14 @@ def plan(recipe: Path = RecipeArg, run_dir: Path = RunDirOpt,
     except PlanError as e:
         err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         raise typer.Exit(2) from None
-    if as_json:
-        print(json.dumps({"recipe": rec.name, "gpus": gpus, "gpu_mem_gib": gpu_mem, "stages": {
-            n: {**p.estimate.gib(), "fits": p.fits, "suggestions": p.suggestions} for n, p in mem.items()}}, indent=1))
-        return
     pipe = Pipeline(rec, run_dir, console=console)
+    if as_json:  # the table's facts per stage, and the memory estimate's parts
+        print(json.dumps({"recipe": rec.name, "run_dir": str(pipe.run_dir), "gpus": gpus, "gpu_mem_gib": gpu_mem, "stages": {
+            st.name: {"method": st.method, "from": rec.stages[st.name].from_, "data": [r.name for r in rec.stages[st.name].data],
+                      "state": st.state, "reason": st.reason, "fingerprint": st.fingerprint, **mem[st.name].estimate.gib(),
+                      "fits": mem[st.name].fits, "suggestions": mem[st.name].suggestions}
+            for st in pipe.status()}}, indent=1))
+        return
     table = Table(title=f"{rec.name} → {pipe.run_dir}", title_justify="left")
     for col in ("stage", "method", "from", "data", "adapter", "quant", "memory/device", "state", "fingerprint"):
         table.add_column(col)

@@ -210,3 +210,7 @@ def test_plan_json_gives_peak_and_parts_per_stage(tiny_model_path, tmp_path):
     assert stage["fits"] is True and stage["peak_gib"] > 0
     assert set(stage["parts_gib"]) == {"weights", "adapter", "gradients", "optimizer", "activations", "logits",
                                        "extra_models", "rollout"}
+    # and the table's facts: where it starts, its data, whether it is done, its fingerprint
+    assert {k: stage[k] for k in ("method", "from", "data", "state")} == {"method": "sft", "from": "base", "data": ["sft"],
+                                                                        "state": "new"}
+    assert len(stage["fingerprint"]) >= 8
