@@ -42,7 +42,6 @@ def make_tokenizer():
 def make_tiny_llama(path: str | Path, *, seed: int = 0, hidden: int = 64, layers: int = 2,
                     tie_word_embeddings: bool = True) -> Path:
     """Save a random tiny LlamaForCausalLM + tokenizer to `path` and return it."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
@@ -61,19 +60,12 @@ def make_tiny_llama(path: str | Path, *, seed: int = 0, hidden: int = 64, layers
         eos_token_id=tok.eos_token_id,
         bos_token_id=None,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return _save_random(LlamaForCausalLM, config, tok, path, seed)
 
 
 def make_tiny_gpt_neox(path: str | Path, *, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
     """Save a random tiny GPTNeoXForCausalLM (head size 32, untied) + the character tokenizer to `path`: an
     architecture vLLM (0.32) serves through its Transformers backend, not an implementation of its own."""
-    import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     path = Path(path)
@@ -83,8 +75,15 @@ def make_tiny_gpt_neox(path: str | Path, *, seed: int = 0, hidden: int = 64, lay
         num_attention_heads=hidden // 32, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id, bos_token_id=None,
     )
+    return _save_random(GPTNeoXForCausalLM, config, tok, path, seed)
+
+
+def _save_random(model_class, config, tok, path: Path, seed: int) -> Path:
+    """A `model_class(config)` with weights drawn from `seed`, saved to `path` with `tok` (generation ids set)."""
+    import torch
+
     torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(config)
+    model = model_class(config)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(path)
