@@ -87,11 +87,13 @@ def _dtype(name: str, recipe: Recipe):
 def _shareable(folder: Path) -> None:
     """Every file of `folder` with the mode a plain write under this umask gives (0644 under umask 022): the
     weights come from a private temp file (0600), and an export is made to be read by others (a server, a hub)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    probe = folder / ".mode-probe"
+    probe.touch()  # a plain write's mode, read back: os.umask can only be read by setting it, racing other threads
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
     for path in folder.rglob("*"):
         if path.is_file():
-            path.chmod(0o666 & ~umask)
+            path.chmod(mode)
 
 
 def save_weights(weights: str, head: str, dtype, into: Path) -> None:

@@ -261,6 +261,7 @@ def main() -> None:
                                                          log=work / f"{case.replace('/', '-')}.log"))
                 if case in ("grpo/alignkit", "ppo/alignkit"):
                     steps[case.split("/")[0]] = step_seconds(work, case.split("/")[0])
+        # vLLM vs HF generate is GRPO's rollout: benched with it, never in --quick
         generate = None if args.quick or "grpo" not in args.methods else generate_bench(args.out_dir / "rollout.json",
                                                           "bfloat16" if s["bf16"] else "float32", work / "rollout.log")
     result = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick, "repeats": repeats,
