@@ -259,14 +259,14 @@ def test_bad_args_are_recipe_errors_with_file_and_line(tmp_path, tiny_model_path
     stages = {"ppo": {"method": "ppo", "data": ["prompts"], "rewards": [{"name": "tests.stages.test_ppo.sevens"}],
                       "rollout": {"num_generations": 3},
                       "args": {"per_device_train_batch_size": 8, "gamma": 2, "critic": "both",
-                               "kl_estimator": "k4", "num_minibatches": 2}}}
+                               "kl_estimator": "k4", "num_mini_batch": 2}}}
     recipe = write_recipe(tmp_path, tiny_model_path, stages, data={"prompts": {"path": "prompts.jsonl"}})
     with pytest.raises(RecipeError) as err:
         load_recipe(recipe)
     problems = {".".join(map(str, p.path)): (p.message, p.line) for p in err.value.problems}
     lines = recipe.read_text().splitlines()
     for key, expected in [("gamma", "less than or equal to 1"), ("critic", "'value_head' or 'separate'"),
-                          ("kl_estimator", "did you mean 'k3'"), ("num_minibatches", "did you mean 'num_mini_batches'")]:
+                          ("kl_estimator", "did you mean 'k3'"), ("num_mini_batch", "did you mean 'num_mini_batches'")]:
         message, line = problems[f"stages.ppo.args.{key}"]
         assert expected in message and f"{key}:" in lines[line - 1], (key, message, line)
     # a valid per_device_train_batch_size alone: 8 x 1 x 2 = 16 sequences do not split into groups of 3
