@@ -66,8 +66,10 @@ def run(
     main_process_ip: Optional[str] = typer.Option(None, "--main-process-ip", help="address of machine rank 0 (default: the first host of SLURM_JOB_NODELIST)"),
     main_process_port: Optional[int] = typer.Option(None, "--main-process-port", help="rendezvous port on machine rank 0 (default 29500)"),
     plan_to: Optional[Path] = typer.Option(None, "--plan-to", hidden=True, help="only check and plan, into this JSON file"),
+    serve_fd: Optional[int] = typer.Option(None, "--serve-fd", hidden=True, help="then run the command sent on this socket"),
 ):
     """Run every stage of RECIPE in order, skipping stages already done and resuming cut-off ones."""
+    from alignment import procs
     from alignment.pipeline import Pipeline, RunLocked, StageFailed
     from alignment.rundir import DiskFull
 
@@ -75,49 +77,64 @@ def run(
 
     planning = (recipe, stage, force, run_dir, gpu_mem, no_memory_check, num_machines, machine_rank, main_process_ip,
                 main_process_port)
-    if plan_to is not None:  # the short-lived child of `_plan_in_child`
+    if plan_to is not None:  # the child of `_plan_in_child`: plan, say so, then serve the run's first command
         plan_to.write_text(json.dumps(_plan_run(*planning)))
+        if serve_fd is not None:
+            import socket
+
+            sock = socket.socket(fileno=serve_fd)
+            sock.send(b"planned")
+            raise typer.Exit(procs.serve_one(sock))
         return
     add_recipe_folder(recipe.parent)  # user rewards beside the recipe import in the stage processes
     if "torch" in sys.modules:  # a caller that holds torch already (a library user, the tests): nothing to keep light
-        plan = _plan_run(*planning)
+        plan, launcher = _plan_run(*planning), procs.Launcher()
     else:
         options = [str(recipe), "--run-dir", str(run_dir)] + (["--stage", stage] if stage else []) + (["--force"] if force else [])
         options += ([] if gpu_mem is None else ["--gpu-mem", repr(gpu_mem)]) + (["--no-memory-check"] if no_memory_check else [])
         for flag, value in (("--num-machines", num_machines), ("--machine-rank", machine_rank),
                             ("--main-process-ip", main_process_ip), ("--main-process-port", main_process_port)):
             options += [] if value is None else [flag, str(value)]
-        plan = _plan_in_child(options)
-    pipe = Pipeline.from_plan(plan, console=console)
-    rec, machines = pipe.recipe, pipe.machines
-    console.print(f"[bold]alignkit[/] {rec.name}: {' → '.join(rec.ancestors(stage) if stage else rec.order())}  [dim]run dir {pipe.run_dir}[/]")
+        plan, launcher = _plan_in_child(options)
     try:
-        rows = pipe.run(only=stage, force=force)
-    except RunLocked as e:
-        err.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(1) from None
-    except StageFailed as e:
-        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
-        raise typer.Exit(e.exit_code) from None
-    except DiskFull as e:
-        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]: `alignkit run` again resumes from the last checkpoint")
-        raise typer.Exit(130) from None
-    _summary(rows, pipe.run_dir)
-    if machines.rank > 0:
-        return  # evals and the report are machine rank 0's
-    if rec.evals:
-        stages = rec.ancestors(stage) if stage else []
-        code = subprocess.call([sys.executable, "-m", "evals", str(pipe.run_dir), *stages])
-        if code != 0:
-            raise typer.Exit(1)
-    elif stage is None:
-        from evals import write_report
+        pipe = Pipeline.from_plan(plan, console=console, launcher=launcher)
+        rec, machines = pipe.recipe, pipe.machines
+        console.print(f"[bold]alignkit[/] {rec.name}: {' → '.join(rec.ancestors(stage) if stage else rec.order())}  [dim]run dir {pipe.run_dir}[/]")
+        try:
+            rows = pipe.run(only=stage, force=force)
+        except RunLocked as e:
+            err.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(1) from None
+        except StageFailed as e:
+            err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except DiskFull as e:
+            err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]: `alignkit run` again resumes from the last checkpoint")
+            raise typer.Exit(130) from None
+        _summary(rows, pipe.run_dir)
+        if machines.rank > 0:
+            return  # evals and the report are machine rank 0's
+        if rec.evals:
+            stages = rec.ancestors(stage) if stage else []
+            proc = launcher.spawn([sys.executable, "-m", "evals", str(pipe.run_dir), *stages])
+            try:
+                code = launcher.wait(proc)
+            except KeyboardInterrupt:
+                launcher.stop(proc)
+                err.print("[yellow]interrupted[/] during the evals: `alignkit run` again runs them")
+                raise typer.Exit(130) from None
+            if code != 0:
+                raise typer.Exit(1)
+        elif stage is None:
+            from evals import write_report
 
-        console.print(f"report: [bold]{write_report(pipe.run_dir)}[/]")
-    _print_alarms(rec, pipe.run_dir)
+            console.print(f"report: [bold]{write_report(pipe.run_dir)}[/]")
+        _print_alarms(rec, pipe.run_dir)
+    finally:
+        launcher.close()
 
 
 def _plan_run(recipe: Path, stage, force, run_dir, gpu_mem, no_memory_check, num_machines, machine_rank, main_ip,
@@ -150,32 +167,39 @@ def _plan_run(recipe: Path, stage, force, run_dir, gpu_mem, no_memory_check, num
     return plan
 
 
-def _plan_in_child(options: list[str]) -> dict:
-    """`alignkit run OPTIONS --plan-to FILE` in a short-lived child process (`_plan_run`), its output relayed to
-    this process's: the checks' imports (torch, transformers, TRL: ~0.5 GiB RSS) are gone before any stage starts,
-    though their CPU time (~19 s on a 2-core CPU, bench/README.md) is still paid once more than a stage pays it.
-    A child that fails ends this command with its exit code (1 if a signal killed it)."""
+def _plan_in_child(options: list[str]):
+    """`alignkit run OPTIONS --plan-to FILE` in a child process (`_plan_run`), its output relayed to this
+    process's, so that this process never imports torch, transformers or TRL (~0.5 GiB RSS). The child,
+    having paid for those imports, then waits to run the run's first `python -m` command (the first stage, or
+    the evals) in their place: returns the plan and the `procs.WarmLauncher` that hands it that command. A
+    child that fails ends this command with its exit code (1 if a signal killed it)."""
     import os
+    import socket
     import tempfile
 
     from alignment import procs
 
     env = dict(os.environ, COLUMNS=str(console.width), **({"FORCE_COLOR": "1"} if console.is_terminal else {}))
-    with tempfile.TemporaryDirectory(prefix="alignkit-plan-") as tmp:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs, tempfile.TemporaryDirectory(prefix="alignkit-plan-") as tmp:
         out = Path(tmp) / "plan.json"
-        proc = procs.spawn([sys.executable, "-m", "alignment.cli", "run", *options, "--plan-to", str(out)], env=env,
+        proc = procs.spawn([sys.executable, "-m", "alignment.cli", "run", *options, "--plan-to", str(out),
+                            "--serve-fd", str(theirs.fileno())], env=env, pass_fds=[theirs.fileno()],
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        theirs.close()
         relays = [_relay(proc.stdout, sys.stdout), _relay(proc.stderr, sys.stderr)]
         try:
-            code = procs.wait(proc)
+            planned = ours.recv(16)  # b"" when the child ended without planning
         except KeyboardInterrupt:
             procs.stop(proc)
             raise
-        for thread in relays:
-            thread.join()
-        if code != 0:
+        if not planned:
+            code = procs.wait(proc)
+            for thread in relays:
+                thread.join()
             raise typer.Exit(code if code > 0 else 1)
-        return json.loads(out.read_text())
+        plan = json.loads(out.read_text())
+        return plan, procs.WarmLauncher(proc, ours.dup(), relays)
 
 
 def _relay(source, sink):

@@ -2,7 +2,8 @@
 
 Each stage runs in a child process (`python -m alignment.stage`, or one per rank under
 `torch.distributed.run` / `accelerate launch`: `Pipeline.command`) so stages keep their memory apart
-and a kill means the same thing everywhere. A stage is skipped when its manifest says done with the
+and a kill means the same thing everywhere. From `alignkit run`, the first of them runs in the child that
+planned the run (`procs.WarmLauncher`): it has imported torch, transformers and TRL already. A stage is skipped when its manifest says done with the
 same fingerprint, resumed from its last checkpoint when it was cut off under the same fingerprint,
 and rerun from scratch when its fingerprint changed.
 
@@ -226,10 +227,15 @@ class Pipeline:
     importing either: `alignkit run` plans in a short-lived child, so the process that waits on the stages stays
     light."""
 
-    def __init__(self, recipe: Recipe, run_root: Path | str = "runs", *, console=None, machines: Machines = Machines()):
+    def __init__(self, recipe: Recipe, run_root: Path | str = "runs", *, console=None, machines: Machines = Machines(),
+                 launcher=None):
         from rich.console import Console
 
+        from alignment.procs import Launcher
+
         self.recipe, self.machines = recipe, machines
+        self.launcher = launcher or Launcher()  # starts the stages' children: `procs.WarmLauncher` from `alignkit run`
+        self.warm_started: dict[str, bool] = {}  # stage -> whether it ran in the launcher's warm child
         self.run_dir = Path(run_root).resolve() / recipe.name
         self.rundir = RunDir(self.run_dir)
         self.console = console or Console(highlight=False)
@@ -244,10 +250,11 @@ class Pipeline:
                 "commands": {name: self.command(name) for name in inputs}}
 
     @classmethod
-    def from_plan(cls, plan: dict, *, console=None) -> "Pipeline":
+    def from_plan(cls, plan: dict, *, console=None, launcher=None) -> "Pipeline":
         """A pipeline that takes its stages' inputs and commands from `plan` (`Pipeline.plan`): it does not import
         torch, transformers or TRL. Whether each stage is done is still read from the run directory when asked."""
-        pipe = cls(parse_resolved(plan["recipe"]), plan["run_root"], console=console, machines=Machines(**plan["machines"]))
+        pipe = cls(parse_resolved(plan["recipe"]), plan["run_root"], console=console, machines=Machines(**plan["machines"]),
+                   launcher=launcher)
         pipe._planned = plan
         return pipe
 
@@ -372,7 +379,8 @@ class Pipeline:
             rundir.write_manifest(st.name, manifest)
             raise StageFailed(f"stage '{st.name}' failed (exit code {code}) after {seconds}s; see the output above. "
                               f"`alignkit run` again resumes it from its last checkpoint")
-        manifest.update(status="done", seconds=seconds, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        manifest.update(status="done", seconds=seconds, warm_start=self.warm_started.get(st.name, False),
+                        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
                         metrics=result["metrics"], info=result["info"], trainer_config=result["trainer_config"],
                         artifact=str(rundir.model_dir(st.name)))
         rundir.write_manifest(st.name, manifest)
@@ -422,12 +430,11 @@ class Pipeline:
     def _launch(self, name: str) -> int:
         """Run the stage's child and wait for it. The child (and all it starts) holds the run lock and dies
         with this process, however this process ends (`alignment.procs`); Ctrl-C stops it, then re-raises."""
-        from alignment import procs
-
         lock = _held_locks.get(self.run_dir.resolve())  # none on machines of rank > 0
-        proc = procs.spawn(self.command(name), pass_fds=[lock] if lock is not None else [])
+        proc = self.launcher.spawn(self.command(name), pass_fds=[lock] if lock is not None else [])
+        self.warm_started[name] = self.launcher.is_warm(proc)
         try:
-            return procs.wait(proc)
+            return self.launcher.wait(proc)
         except KeyboardInterrupt:
-            procs.stop(proc)  # the whole child group (accelerate spawns workers), then report as cut off
+            self.launcher.stop(proc)  # the whole child group (accelerate spawns workers), then report as cut off
             raise

@@ -19,10 +19,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import runpy
 import signal
+import socket
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 WATCH_INTERVAL_S = 0.2  # how soon a watchdog notices that its parent died
@@ -123,6 +127,112 @@ def _retire(proc: subprocess.Popen) -> None:
         watchdog.wait()
 
 
+class Launcher:
+    """Starts, waits for and stops the children of a run: `spawn`, `wait`, `stop` as the functions of this
+    module; `close` when the run is over."""
+
+    def spawn(self, command: list[str], **popen_kwargs) -> subprocess.Popen:
+        return spawn(command, **popen_kwargs)
+
+    def wait(self, proc: subprocess.Popen) -> int:
+        return wait(proc)
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        stop(proc)
+
+    def close(self) -> None:
+        pass
+
+    def is_warm(self, proc: subprocess.Popen) -> bool:
+        """Whether `proc` is a warm child that took a command (`WarmLauncher`) rather than a fresh interpreter."""
+        return False
+
+
+class WarmLauncher(Launcher):
+    """A `Launcher` holding one `spawn`ed Python child that has already paid its start-up (the imports of
+    torch, transformers and TRL: ~13 s of CPU on a 2-core machine) and now waits in `serve_one`. The first
+    `python -m MODULE ARGS` command this launcher is asked to start (same interpreter, the parent's
+    environment, no other Popen argument than `pass_fds`) runs in that child instead of a new interpreter:
+    the child receives the command and the descriptors to keep open (the run lock) over `sock`, a Unix
+    socket pair. Any other command, and every later one, starts fresh; a command that the warm child cannot
+    take lets it go first (`close`), so it never sits beside a stage holding memory.
+
+    Args:
+        proc: the waiting child, as `spawn` returned it (its watchdog guards it like any other).
+        sock: this side of the socket pair whose other end the child serves.
+        relays: threads copying the child's output pipes (if any): joined once the child has ended.
+    """
+
+    def __init__(self, proc: subprocess.Popen, sock: socket.socket, relays: list = ()):
+        self._waiting: subprocess.Popen | None = proc  # until it takes a command or is let go
+        self._child, self._sock, self._relays = proc, sock, list(relays)
+        self._served = False
+
+    def spawn(self, command: list[str], **popen_kwargs) -> subprocess.Popen:
+        if self._waiting is not None and command[:2] == [sys.executable, "-m"] and set(popen_kwargs) <= {"pass_fds"}:
+            request = json.dumps({"argv": command[2:], "cwd": os.getcwd()}).encode()
+            socket.send_fds(self._sock, [request], list(popen_kwargs.get("pass_fds", ())))
+            self._sock.close()
+            self._waiting, self._served = None, True
+            return self._child
+        self.close()
+        return spawn(command, **popen_kwargs)
+
+    def wait(self, proc: subprocess.Popen) -> int:
+        code = wait(proc)
+        self._join(proc)
+        return code
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        stop(proc)
+        self._join(proc)
+
+    def close(self) -> None:
+        """Let the warm child go if it is still waiting: it exits 0 when its socket closes."""
+        if self._waiting is not None:
+            self._waiting = None
+            self._sock.close()
+            self.wait(self._child)
+
+    def is_warm(self, proc: subprocess.Popen) -> bool:
+        return self._served and proc is self._child
+
+    def _join(self, proc: subprocess.Popen) -> None:
+        if proc is self._child:
+            for thread in self._relays:
+                thread.join()
+
+
+def serve_one(sock: socket.socket) -> int:
+    """The warm child's side of `WarmLauncher`: wait on `sock` for one command, `[MODULE, *ARGS]`, and run it
+    in this process as `python -m MODULE ARGS` would (`runpy`, `sys.argv`, the working directory given; stdout
+    line-buffered, as the command's output is relayed live), holding the descriptors that came with it open
+    meanwhile. Returns its exit status: 0 when the socket closes without a command; a `SystemExit`'s code;
+    130 on Ctrl-C; 1, with the traceback on stderr, for any other exception."""
+    msg, _fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, 16)  # the fds stay open until this process ends
+    sock.close()
+    if not msg:
+        return 0
+    request = json.loads(msg)
+    module, *args = request["argv"]
+    os.chdir(request["cwd"])
+    sys.argv = [module, *args]
+    sys.stdout.reconfigure(line_buffering=True)
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BaseException:  # as the interpreter reports an uncaught exception
+        traceback.print_exc()
+        return 1
+    return 0
+
+
 def alive(pid: int) -> bool:
     """Whether `pid` is a running process (a zombie, dead but not yet reaped, is not)."""
     try:
@@ -138,9 +248,17 @@ def holders(path: Path) -> list[int]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):  # exited meanwhile, or not ours to read
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == target for fd in os.listdir(f"/proc/{pid}/fd")):
+            if any(_fd_target(f"/proc/{pid}/fd/{fd}") == target for fd in os.listdir(f"/proc/{pid}/fd")):
                 found.append(int(pid))
     return found
+
+
+def _fd_target(link: str) -> str | None:
+    """What a /proc/PID/fd/N link points to; None for a descriptor closed meanwhile (listing the folder opens one)."""
+    try:
+        return os.readlink(link)
+    except FileNotFoundError:
+        return None
 
 
 def describe(pid: int) -> str:

@@ -55,15 +55,20 @@ main()
 
 
 def test_the_orchestrator_never_imports_torch(tmp_path, tiny_model_path):
-    """The checks and the plan run in a short-lived child: the process that waits on the stages stays light, and
-    runs, skips and refuses as before."""
-    recipe = write_recipe(tmp_path, tiny_model_path, {"sft": {**SFT, "args": {**SFT["args"], "max_steps": 2}}})
+    """The checks and the plan run in a child: the process that waits on the stages stays light, and runs, skips
+    and refuses as before. The planning child then runs the first stage itself (its imports paid once): the same
+    losses as the second, identical stage started fresh."""
+    stage = {**SFT, "args": {**SFT["args"], "max_steps": 3}}
+    recipe = write_recipe(tmp_path, tiny_model_path, {"warm": stage, "fresh": stage})
     orchestrate = [sys.executable, "-c", NO_TORCH_RUN, "run", str(recipe), "--run-dir", str(tmp_path / "runs")]
     res = subprocess.run(orchestrate, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert manifest(tmp_path / "runs" / "t", "sft")["status"] == "done"
+    run_dir = tmp_path / "runs" / "t"
+    assert [manifest(run_dir, s)["warm_start"] for s in ("warm", "fresh")] == [True, False]
+    assert len(losses(run_dir, "warm")) == 3 and losses(run_dir, "warm") == pytest.approx(losses(run_dir, "fresh"), rel=1e-6)
+    assert res.stdout.count("warm step 3/3") >= 1  # the warm stage's output is relayed
     res = subprocess.run(orchestrate, capture_output=True, text=True)
-    assert res.returncode == 0 and "done, skipped" in res.stdout, res.stdout + res.stderr
+    assert res.returncode == 0 and res.stdout.count("done, skipped") == 2, res.stdout + res.stderr
 
     recipe.write_text(recipe.read_text().replace("learning_rate:", "learning_rat:"))
     res = subprocess.run(orchestrate, capture_output=True, text=True)

@@ -125,3 +125,45 @@ def test_run_lock_is_inherited_by_launched_stages(tmp_path):
     procs.stop(child, grace_s=5)
     with open(run_dir / ".lock", "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def warm_launcher(tmp_path) -> procs.WarmLauncher:
+    """A `WarmLauncher` over a light child (no imports to pay) that serves one command, as `alignkit run`'s
+    planning child does."""
+    import socket
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    child = procs.spawn([sys.executable, "-c", "import socket, sys; from alignment import procs; "
+                         f"sys.exit(procs.serve_one(socket.socket(fileno={theirs.fileno()})))"],
+                        pass_fds=[theirs.fileno()], cwd=tmp_path)
+    theirs.close()
+    return procs.WarmLauncher(child, ours)
+
+
+def test_the_warm_child_runs_the_first_python_module_command_holding_the_lock(tmp_path):
+    (tmp_path / "mod_exits.py").write_text("import sys, time\ntime.sleep(3)\nsys.exit(int(sys.argv[1]))\n")
+    launcher, run_dir = warm_launcher(tmp_path), tmp_path / "run"
+    with run_lock(run_dir):
+        fd = pipeline._held_locks[run_dir.resolve()]
+        os.chdir(tmp_path)  # the command's module is found from the working directory, as `python -m` finds it
+        try:
+            proc = launcher.spawn([sys.executable, "-m", "mod_exits", "3"], pass_fds=[fd])
+        finally:
+            os.chdir(REPO)
+        assert launcher.is_warm(proc)
+        deadline = time.monotonic() + 10  # the child takes the command once it is up (it imports alignment.procs)
+        while proc.pid not in procs.holders(run_dir / ".lock") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.pid in procs.holders(run_dir / ".lock")  # the lock came along with the command
+    assert launcher.wait(proc) == 3
+    later = launcher.spawn([sys.executable, "-m", "mod_exits", "0"], cwd=tmp_path)  # one command only: fresh now
+    assert not launcher.is_warm(later) and later.pid != proc.pid and launcher.wait(later) == 0
+
+
+def test_another_command_lets_the_warm_child_go_first(tmp_path):
+    launcher = warm_launcher(tmp_path)
+    waiting = launcher._child
+    proc = launcher.spawn(["sleep", "0.1"])
+    assert waiting.returncode == 0 and not procs.alive(waiting.pid)  # gone before the command started
+    assert not launcher.is_warm(proc) and launcher.wait(proc) == 0
+    launcher.close()  # nothing left to let go
