@@ -46,12 +46,16 @@ chromium:
 	  echo "make: chromium is not installed and apt-get could not install it; the report's browser test will be skipped"
 
 # `slow` marks tests of minutes each (kill points of every method, three-stage chains, the bench, the bundled
-# model): `make test-all` runs them, CI runs the rest.
+# model): `make test-all` runs them, CI runs the rest. Tests run on every core (pytest-xdist, at most
+# TEST_WORKERS), one torch thread each (tests/conftest.py): most of a test's time is its stage child's
+# single-threaded start-up, so two workers on two cores take about half the time of one.
+TEST_WORKERS ?= 4
+PYTEST := $(BIN)/python -m pytest -q -n auto --maxprocesses $(TEST_WORKERS) --dist worksteal
 test: install chromium
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-all: install chromium
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 demo: install
 	$(BIN)/alignkit run recipes/quickstart/arith.yaml
