@@ -18,13 +18,27 @@ from alignment.stages import StageContext, StageResult, stage, trainer_defaults
 
 
 def _gkd():
-    """TRL 1.16's experimental GKD classes (tests/stages/test_distill.py pins them), without TRL's warning that
-    experimental APIs may change."""
+    """TRL 1.16's experimental GKD config and trainer (tests/stages/test_distill.py pins them; the trainer with the
+    loss scaled as below), without TRL's warning that experimental APIs may change."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    return GKDConfig, GKDTrainer
+    class DistillTrainer(GKDTrainer):
+        """GKDTrainer with its loss right on several processes. Given `num_items_in_batch` (with
+        `average_tokens_across_devices`, the completion tokens of every rank), GKD's loss is this rank's token sum
+        over that global count; DDP then averages the ranks' gradients, so transformers' `Trainer.compute_loss`
+        and TRL's SFTTrainer multiply by the number of processes -- TRL 1.16's GKD does not, which makes its
+        gradient and logged loss 1/N of one process's on N processes (measured: exactly half on 2)."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not (self.args.average_tokens_across_devices and num_items_in_batch is not None):
+                return out
+            scale = self.accelerator.num_processes
+            return (out[0] * scale, out[1]) if return_outputs else out * scale
+
+    return GKDConfig, DistillTrainer
 
 
 def _config():
@@ -96,7 +110,7 @@ def _defaults(recipe, name):
 def run(ctx: StageContext) -> StageResult:
     from alignment.models import load_model
 
-    GKDConfig, GKDTrainer = _gkd()
+    GKDConfig, DistillTrainer = _gkd()
 
     tokenizer = ctx.tokenizer()
     train = ctx.dataset()
@@ -104,7 +118,7 @@ def run(ctx: StageContext) -> StageResult:
         train = train.map(as_messages, remove_columns=train.column_names)
     # the teacher in the stage's dtype / quantization, frozen (no adapter)
     teacher = load_model(teacher_path(ctx.recipe, ctx.name, ctx.weights), ctx.model_cfg.model_copy(update={"adapter": None}))
-    trainer = GKDTrainer(
+    trainer = DistillTrainer(
         model=ctx.load_model(), teacher_model=teacher, args=ctx.trl_config(GKDConfig), train_dataset=train,
         processing_class=tokenizer, peft_config=ctx.peft_config(), callbacks=ctx.callbacks(),
     )

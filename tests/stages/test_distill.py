@@ -16,12 +16,15 @@ from tests.helpers import losses, pair_rows, run_cli, sum_rows, write_jsonl, wri
 def test_trl_gkd_api_pinned():
     """The TRL 1.16 experimental API the stage uses; an upgrade that moves or renames it fails here."""
     import dataclasses
+    import inspect
 
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     fields = {f.name: f.default for f in dataclasses.fields(GKDConfig)}
     assert {"lmbda": 0.5, "beta": 0.5, "seq_kd": False, "max_new_tokens": 128}.items() <= fields.items()
     assert callable(GKDTrainer.generalized_jsd_loss)
+    # the stage's DistillTrainer multiplies the loss by the process count that GKD's compute_loss leaves out
+    assert "num_processes" not in inspect.getsource(GKDTrainer.compute_loss)
 
 
 def _teacher(path, *, scale: float = 8.0):
