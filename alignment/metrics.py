@@ -66,9 +66,14 @@ METRICS: dict[str, Metric] = {
     # reward model (TRL's names)
     "accuracy": Metric("share of pairs the reward model ranks chosen above rejected", "share", "accuracy"),
     "margin": Metric("mean score(chosen) - score(rejected)", "score", "margin"),
-    "min_reward": Metric("lowest reward-model score in the batch", "score", "reward"),
+    # TRL takes min / max over one micro-batch of every rank and averages them over the step's accumulation steps:
+    # with gradient accumulation they are not the whole batch's (1 process x 2 accumulation steps reads other values
+    # than 2 processes x 1; tests/stages/test_distributed_methods.py)
+    "min_reward": Metric("lowest reward-model score of a micro-batch (all ranks'), mean over accumulation steps",
+                         "score", "reward"),
     "mean_reward": Metric("mean reward-model score in the batch", "score", "reward"),
-    "max_reward": Metric("highest reward-model score in the batch", "score", "reward"),
+    "max_reward": Metric("highest reward-model score of a micro-batch (all ranks'), mean over accumulation steps",
+                         "score", "reward"),
     # online RL: grpo, ppo
     "reward/mean": Metric("reward functions' weighted total per completion (ppo: before the EOS penalty and KL)",
                           "score", "reward"),
