@@ -428,19 +428,24 @@ class Progress:
         self.bar = Bar(TextColumn(f"[bold]{name}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                        TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn())
         self.name, self.total, self.last, self.enabled = name, total, {}, enabled
+        self.printed: Optional[int] = None  # the step of the last plain line
         self.plain = not self.bar.console.is_terminal
         self.task = self.bar.add_task(name, total=total, completed=completed, info="")
         if not self.plain and enabled:
             self.bar.start()
 
     def update(self, step: int, metrics: Optional[dict] = None) -> None:
-        """Move to `step`; with `metrics` (canonical keys), show them and maybe print a plain line."""
+        """Move to `step`; with `metrics` (canonical keys), show them and maybe print a plain line: one per step
+        at most, for a row that brings a `PROGRESS` value (not for the trainer's closing row of `train_*` totals,
+        logged at the last step again)."""
         if not self.enabled:
             return
-        self.last.update({k: v for k, v in (metrics or {}).items() if k in PROGRESS and isinstance(v, (int, float))})
+        shown = {k: v for k, v in (metrics or {}).items() if k in PROGRESS and isinstance(v, (int, float))}
+        self.last.update(shown)
         info = " ".join(f"{label} {self.last[k]:.4g}" for k, label in PROGRESS.items() if k in self.last)
         self.bar.update(self.task, completed=step, info=info)
-        if self.plain and metrics is not None and (step % max(1, self.total // 10) == 0 or step == self.total):
+        if self.plain and shown and step != self.printed and (step % max(1, self.total // 10) == 0 or step == self.total):
+            self.printed = step
             print(f"  {self.name} step {step}/{self.total} {info}", flush=True)
 
     def print(self, text: str) -> None:

@@ -35,3 +35,17 @@ def test_report_panels_read_declared_keys_only():
              "kl/ref": 0.01 * s, "timing/step": 2.0, "clip_ratio/low_min": 0.0, "train_loss": 0.3} for s in (1, 2)]
     assert curve_panels(rows) == [("loss", ["loss"]), ("reward", ["reward/mean", "reward/f/mean"]),
                                   ("KL", ["kl/ref"])]
+
+
+def test_the_plain_progress_prints_one_line_per_step(capsys):
+    """A trainer logs its closing row of `train_*` totals at the last step again: no second line for that step."""
+    from alignment.stages import Progress
+
+    progress = Progress("sft", total=2)
+    assert progress.plain  # pytest's captured stdout is not a terminal
+    for step in (1, 2):
+        progress.update(step)  # on_step_end
+        progress.update(step, {"loss": 4.0 - step, "grad_norm": 1.0})  # on_log
+    progress.update(2, {"train_loss": 2.5, "train_runtime": 7.9})  # the trainer's closing row
+    progress.stop()
+    assert capsys.readouterr().out.splitlines() == ["  sft step 1/2 loss 3", "  sft step 2/2 loss 2"]
