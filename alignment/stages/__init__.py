@@ -130,6 +130,7 @@ class StageContext:
     data_report: DataReport = field(default_factory=DataReport)  # rows `dataset` dropped, kept with a warning, ...
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient (`skip_nonfinite`)
     missing_reward_steps: int = 0  # steps in a row in which every reward lost every score (`check_rewards`)
+    resumed_at: int = 0  # the checkpoint step `train` resumed from (0: from scratch)
 
     @property
     def spec(self) -> StageConfig:
@@ -373,12 +374,15 @@ class StageContext:
             print(f"alignkit: resuming {self.name} from {Path(resume).name}"
                   f"{' (its last step: only its weights are loaded)' if last else ''}", flush=True)
             self.rundir.truncate_metrics(self.name, step)
+        self.resumed_at = step
         if last:
             trainer._load_from_checkpoint(resume)
-            return reward_trend(self.rundir.read_metrics(self.name))
+            rows = self.rundir.read_metrics(self.name)
+            return {**stage_train_loss(rows, step), **reward_trend(rows)}
         out = trainer.train(resume_from_checkpoint=resume)
         metrics = {k: v for k, v in (out.metrics or {}).items() if isinstance(v, (int, float))}
-        return {**metrics, **reward_trend(self.rundir.read_metrics(self.name))}
+        rows = self.rundir.read_metrics(self.name)
+        return {**metrics, **stage_train_loss(rows, step, metrics, trainer.state.global_step), **reward_trend(rows)}
 
     def _artifact(self, head: str, main: bool = True):
         kind = "adapter" if self.model_cfg.adapter else "full"
@@ -403,6 +407,26 @@ class StageContext:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             self.fault_point("artifact")
+
+
+def stage_train_loss(rows: list[dict], resumed_at: int, session: Optional[dict] = None,
+                     global_step: int = 0) -> dict[str, float]:
+    """`{"train_loss": mean training loss over every step of the stage}` for a stage resumed at step `resumed_at`
+    ({} when it was not resumed, or nothing is known). transformers' Trainer's `train_loss` (in `session`, the
+    closing row's totals) is the mean over the steps this process ran (`resumed_at`+1 .. `global_step`); the steps
+    before come from the logged `loss` rows up to `resumed_at` (`RunDir.read_metrics`), each the mean over the
+    steps since the row before it (the Trainer's logging window), so weighted by that many steps. Steps before the
+    resume that no row covers (logged after the checkpoint, then cut off) are left out of the mean."""
+    if resumed_at <= 0:
+        return {}
+    total, covered, last = 0.0, 0, 0
+    for row in sorted((r for r in rows if isinstance(r.get("loss"), (int, float)) and 0 < r["step"] <= resumed_at),
+                      key=lambda r: r["step"]):
+        total, covered, last = total + row["loss"] * (row["step"] - last), covered + row["step"] - last, row["step"]
+    ran = global_step - resumed_at
+    if session is not None and isinstance(session.get("train_loss"), (int, float)) and ran > 0:
+        total, covered = total + session["train_loss"] * ran, covered + ran
+    return {"train_loss": total / covered} if covered else {}
 
 
 def reward_trend(rows: list[dict]) -> dict[str, float]:
@@ -479,6 +503,9 @@ class StageCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         metrics = rename(self.ctx.spec.method, logs)
+        if "train_loss" in metrics:  # the closing row: over every step of a resumed stage, not only this process's
+            metrics |= stage_train_loss(self.ctx.rundir.read_metrics(self.ctx.name), self.ctx.resumed_at, metrics,
+                                        state.global_step)
         self.ctx.log_metrics(state.global_step, metrics)
         self.progress.update(state.global_step, metrics)
 
