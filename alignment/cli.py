@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from alignment.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Post-training pipelines from one recipe YAML.")
 console = Console(highlight=False)
@@ -337,7 +338,8 @@ def plan(recipe: Path = RecipeArg, run_dir: Path = RunDirOpt,
                       "fits": mem[st.name].fits, "suggestions": mem[st.name].suggestions}
             for st in pipe.status()}}, indent=1))
         return
-    table = Table(title=f"{rec.name} → {pipe.run_dir}", title_justify="left")
+    console.print(f"{rec.name} → {pipe.run_dir}", style="italic", markup=False, soft_wrap=True)  # a title wraps
+    table = Table()
     for col in ("stage", "method", "from", "data", "adapter", "quant", "memory/device", "state", "fingerprint"):
         table.add_column(col)
     style = {"done": "green", "resume": "yellow", "stale": "yellow", "new": "cyan"}

@@ -109,7 +109,7 @@ def overlap_report(recipe: Recipe) -> tuple[int, list[PairOverlap]]:
     n = (recipe.decontaminate or DecontaminateConfig()).ngram
     index = EvalIndex.build(recipe, n)
     pairs = []
-    for train in training_sets(recipe):
+    for train in training_sets(recipe) if index.sets else []:  # no eval set: no training set to read
         loaded = load(train, recipe.data[train], on_bad_rows="warn")
         found = {name: PairOverlap(train, name, total=len(loaded.rows)) for name in index.sets}
         for i, row in enumerate(loaded.rows):

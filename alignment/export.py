@@ -140,12 +140,29 @@ def _card_front_matter(recipe: Recipe, stage: str, head: str) -> dict:
     return meta
 
 
+LAST_LOGGED = ("rewards/margins", "rewards/accuracies", "accuracy", "margin")  # preference and reward-model rewards
+
+
+def final_metrics(summary: dict, rows: list[dict]) -> list[str]:
+    """The card's "final metrics" of a stage: from its manifest's `summary` the mean `train_loss` over the stage
+    and an RL stage's mean reward over the first -> last quarter of its steps; from its logged `rows`
+    (`RunDir.read_metrics`) the last value of each `LAST_LOGGED` key (dpo / kto implicit rewards, the reward
+    model's pair accuracy and margin) where the stage logs it."""
+    from evals.table import fmt
+
+    out = [f"train_loss {fmt(summary['train_loss'])}"] if isinstance(summary.get("train_loss"), (int, float)) else []
+    if isinstance(summary.get("reward/first_quarter"), (int, float)):
+        out.append(f"reward {fmt(summary['reward/first_quarter'])} → {fmt(summary['reward/last_quarter'])}")
+    last = {k: v for row in rows for k, v in row.items() if k in LAST_LOGGED and isinstance(v, (int, float))}
+    return out + [f"{k} {fmt(last[k])}" for k in LAST_LOGGED if k in last]
+
+
 def model_card(rundir: RunDir, recipe: Recipe, stage: str, head: str, dtype) -> str:
     """`README.md` of an export: front matter for the hub, the lineage with its data sets (digests from the stage
     manifests), final training metrics, the eval table (`evals.table`) and the resolved recipe."""
     from alignment.recipe import dump_recipe
     from evals.report import markdown_eval_table
-    from evals.table import build_eval_table, fmt
+    from evals.table import build_eval_table
 
     chain = lineage(recipe, stage)
     front = yaml.safe_dump(_card_front_matter(recipe, stage, head), sort_keys=False).strip()
@@ -165,8 +182,7 @@ def model_card(rundir: RunDir, recipe: Recipe, stage: str, head: str, dtype) -> 
         adapter = f"{model.adapter.method} r={model.adapter.r}" if model.adapter else "full"
         if model.quantization:
             adapter += f", {model.quantization.bits}-bit base"
-        metrics = {k: v for k, v in (man.get("metrics") or {}).items() if isinstance(v, (int, float))}
-        final = ", ".join(f"{k} {fmt(float(v))}" for k, v in list(metrics.items())[:4]) or "–"
+        final = ", ".join(final_metrics(man.get("metrics") or {}, rundir.read_metrics(s))) or "–"
         out.append(f"| {s} | {recipe.stages[s].method} | {recipe.stages[s].from_} | {adapter} | "
                    f"{', '.join(r.name for r in recipe.stages[s].data) or '–'} | {final} | {man.get('fingerprint', '')} |")
     out += ["", "## Data", "", "| dataset | source | digest (sha256 of the file : of the options) |", "|---|---|---|"]

@@ -34,6 +34,7 @@ Checked against CPU runs here and torchtune's published Llama-3.1-8B figures: `b
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -100,13 +101,18 @@ def find_config(name_or_path: str, recipe_dir: Optional[Path] = None) -> Path:
         for folder in [Path(recipe_dir).resolve(), *Path(recipe_dir).resolve().parents]:
             if (folder / "configs" / name_or_path / "config.json").is_file():
                 return folder / "configs" / name_or_path
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
 
-        return Path(hf_hub_download(name_or_path, "config.json")).parent
+    from alignment import hub
+
+    why = hub.unreachable()
+    try:
+        with hub.cache_only() if why else contextlib.nullcontext():
+            return Path(hf_hub_download(name_or_path, "config.json")).parent
     except Exception as e:  # offline and not cached, gated, unknown id, ...
         raise PlanError(f"no config.json for model '{name_or_path}': not a local folder, no configs/{name_or_path}/"
-                        f"config.json beside the recipe or above it, and the hub answered: {type(e).__name__}") from None
+                        f"config.json beside the recipe or above it, and "
+                        f"{hub.note(why) if why else f'the hub answered: {type(e).__name__}'}") from None
 
 
 @functools.lru_cache(maxsize=32)

@@ -420,6 +420,11 @@ def _hub_problems(repo: str, revision: Optional[str], key: tuple) -> list[Proble
     from huggingface_hub import model_info
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
+    from alignment import hub
+
+    why = hub.unreachable()
+    if why:
+        return [Problem(key, f"'{repo}' is not a local folder, and {hub.note(why)}")]
     try:
         model_info(repo, revision=revision, timeout=HUB_TIMEOUT_S)
     except (RepositoryNotFoundError, RevisionNotFoundError):

@@ -8,8 +8,7 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    from rich.console import Console
-
+    from alignment.console import Console
     from alignment.rundir import RunDir
     from evals import EvalError, run_evals, write_report
     from evals.cli import print_eval_table

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from alignment.console import Console
 from alignment.recipe import BASE
 
 console = Console(highlight=False)

@@ -92,7 +92,7 @@ def run_evals(recipe: Recipe, run_dir: Path, stages: Optional[list[str]] = None,
     Raises:
         EvalError: a bad eval entry (all listed), or a task that failed (names task and stage).
     """
-    from rich.console import Console
+    from alignment.console import Console
 
     from alignment.data import load
     from alignment.models import read_artifact, torch_dtype

@@ -130,6 +130,7 @@ class StageContext:
     data_report: DataReport = field(default_factory=DataReport)  # rows `dataset` dropped, kept with a warning, ...
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient (`skip_nonfinite`)
     missing_reward_steps: int = 0  # steps in a row in which every reward lost every score (`check_rewards`)
+    resumed_at: int = 0  # the checkpoint step `train` resumed from (0: from scratch)
 
     @property
     def spec(self) -> StageConfig:
@@ -373,12 +374,15 @@ class StageContext:
             print(f"alignkit: resuming {self.name} from {Path(resume).name}"
                   f"{' (its last step: only its weights are loaded)' if last else ''}", flush=True)
             self.rundir.truncate_metrics(self.name, step)
+        self.resumed_at = step
         if last:
             trainer._load_from_checkpoint(resume)
-            return reward_trend(self.rundir.read_metrics(self.name))
+            rows = self.rundir.read_metrics(self.name)
+            return {**stage_train_loss(rows, step), **reward_trend(rows)}
         out = trainer.train(resume_from_checkpoint=resume)
         metrics = {k: v for k, v in (out.metrics or {}).items() if isinstance(v, (int, float))}
-        return {**metrics, **reward_trend(self.rundir.read_metrics(self.name))}
+        rows = self.rundir.read_metrics(self.name)
+        return {**metrics, **stage_train_loss(rows, step, metrics, trainer.state.global_step), **reward_trend(rows)}
 
     def _artifact(self, head: str, main: bool = True):
         kind = "adapter" if self.model_cfg.adapter else "full"
@@ -405,6 +409,26 @@ class StageContext:
             self.fault_point("artifact")
 
 
+def stage_train_loss(rows: list[dict], resumed_at: int, session: Optional[dict] = None,
+                     global_step: int = 0) -> dict[str, float]:
+    """`{"train_loss": mean training loss over every step of the stage}` for a stage resumed at step `resumed_at`
+    ({} when it was not resumed, or nothing is known). transformers' Trainer's `train_loss` (in `session`, the
+    closing row's totals) is the mean over the steps this process ran (`resumed_at`+1 .. `global_step`); the steps
+    before come from the logged `loss` rows up to `resumed_at` (`RunDir.read_metrics`), each the mean over the
+    steps since the row before it (the Trainer's logging window), so weighted by that many steps. Steps before the
+    resume that no row covers (logged after the checkpoint, then cut off) are left out of the mean."""
+    if resumed_at <= 0:
+        return {}
+    total, covered, last = 0.0, 0, 0
+    for row in sorted((r for r in rows if isinstance(r.get("loss"), (int, float)) and 0 < r["step"] <= resumed_at),
+                      key=lambda r: r["step"]):
+        total, covered, last = total + row["loss"] * (row["step"] - last), covered + row["step"] - last, row["step"]
+    ran = global_step - resumed_at
+    if session is not None and isinstance(session.get("train_loss"), (int, float)) and ran > 0:
+        total, covered = total + session["train_loss"] * ran, covered + ran
+    return {"train_loss": total / covered} if covered else {}
+
+
 def reward_trend(rows: list[dict]) -> dict[str, float]:
     """Mean reward over the first and the last quarter of the logged rows (`RunDir.read_metrics`): one
     step's reward is noisy (a handful of prompts), so the summary and the closing numbers compare quarters."""
@@ -428,19 +452,24 @@ class Progress:
         self.bar = Bar(TextColumn(f"[bold]{name}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                        TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn())
         self.name, self.total, self.last, self.enabled = name, total, {}, enabled
+        self.printed: Optional[int] = None  # the step of the last plain line
         self.plain = not self.bar.console.is_terminal
         self.task = self.bar.add_task(name, total=total, completed=completed, info="")
         if not self.plain and enabled:
             self.bar.start()
 
     def update(self, step: int, metrics: Optional[dict] = None) -> None:
-        """Move to `step`; with `metrics` (canonical keys), show them and maybe print a plain line."""
+        """Move to `step`; with `metrics` (canonical keys), show them and maybe print a plain line: one per step
+        at most, for a row that brings a `PROGRESS` value (not for the trainer's closing row of `train_*` totals,
+        logged at the last step again)."""
         if not self.enabled:
             return
-        self.last.update({k: v for k, v in (metrics or {}).items() if k in PROGRESS and isinstance(v, (int, float))})
+        shown = {k: v for k, v in (metrics or {}).items() if k in PROGRESS and isinstance(v, (int, float))}
+        self.last.update(shown)
         info = " ".join(f"{label} {self.last[k]:.4g}" for k, label in PROGRESS.items() if k in self.last)
         self.bar.update(self.task, completed=step, info=info)
-        if self.plain and metrics is not None and (step % max(1, self.total // 10) == 0 or step == self.total):
+        if self.plain and shown and step != self.printed and (step % max(1, self.total // 10) == 0 or step == self.total):
+            self.printed = step
             print(f"  {self.name} step {step}/{self.total} {info}", flush=True)
 
     def print(self, text: str) -> None:
@@ -474,6 +503,9 @@ class StageCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         metrics = rename(self.ctx.spec.method, logs)
+        if "train_loss" in metrics:  # the closing row: over every step of a resumed stage, not only this process's
+            metrics |= stage_train_loss(self.ctx.rundir.read_metrics(self.ctx.name), self.ctx.resumed_at, metrics,
+                                        state.global_step)
         self.ctx.log_metrics(state.global_step, metrics)
         self.progress.update(state.global_step, metrics)
 

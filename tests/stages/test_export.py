@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from alignment import export as export_mod
 from alignment.cli import app
+from evals.table import fmt
 from tests.helpers import run_cli, sum_rows, write_jsonl, write_recipe
 
 LORA = {"adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0}}
@@ -89,6 +90,20 @@ def test_export_is_the_merged_lineage_and_answers_as_the_stage_did(run_dir, tmp_
     digest = json.loads((run_dir / "sft" / "manifest.json").read_text())["inputs"]["data"]["sft"]["digest"]
     assert f"| sft | sft.jsonl | `{digest}` |" in card
     assert "| accuracy | **accuracy** |" in card and "## Recipe" in card
+    for stage in ("sft", "sft2"):  # each stage's mean train loss in its lineage row
+        loss = json.loads((run_dir / stage / "manifest.json").read_text())["metrics"]["train_loss"]
+        assert f"| train_loss {fmt(loss)} |" in card
+
+
+def test_the_card_gives_each_stage_its_train_loss_and_rewards():
+    grpo = {"train_runtime": 8.0, "train_samples_per_second": 2.0, "train_steps_per_second": 0.5, "total_flos": 1e9,
+            "train_loss": 0.0123, "reward/first_quarter": 0.25, "reward/last_quarter": 0.5}
+    assert export_mod.final_metrics(grpo, [{"step": 1, "reward/mean": 0.25}]) == ["train_loss 0.0123", "reward 0.25 → 0.5"]
+    rows = [{"step": 1, "loss": 0.69, "rewards/margins": 0.01, "rewards/accuracies": 0.5},
+            {"step": 2, "loss": 0.6, "rewards/margins": 0.2, "rewards/accuracies": 0.75}, {"step": 2, "train_loss": 0.65}]
+    assert export_mod.final_metrics({"train_loss": 0.65}, rows) == [
+        "train_loss 0.65", "rewards/margins 0.2", "rewards/accuracies 0.75"]  # dpo: the last logged rewards
+    assert export_mod.final_metrics({}, []) == []
 
 
 def test_bf16_export(run_dir, tmp_path):

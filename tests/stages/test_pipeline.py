@@ -101,6 +101,11 @@ def test_killed_stage_resumes_from_its_last_checkpoint(tmp_path, tiny_model_path
     assert m["status"] == "done" and m["resumed"] is True
     steps = [row["step"] for row in metrics(run_dir, "sft") if "loss" in row]
     assert steps == list(range(1, 13))  # each step logged once across the two runs
+    # train_loss: the mean over all 12 steps, not only the 4 run after the resume (transformers' own)
+    mean = sum(losses(run_dir, "sft")) / 12
+    assert m["metrics"]["train_loss"] == pytest.approx(mean, rel=1e-6)
+    assert [row["train_loss"] for row in metrics(run_dir, "sft") if "train_loss" in row][-1] == pytest.approx(mean, rel=1e-6)
+    assert f"train_loss {mean:.4g}" in res.output  # the run summary
 
 
 def test_a_checkpoint_cut_off_while_saving_is_skipped_for_the_previous_one(tmp_path, tiny_model_path, capfd):

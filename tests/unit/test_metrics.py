@@ -35,3 +35,28 @@ def test_report_panels_read_declared_keys_only():
              "kl/ref": 0.01 * s, "timing/step": 2.0, "clip_ratio/low_min": 0.0, "train_loss": 0.3} for s in (1, 2)]
     assert curve_panels(rows) == [("loss", ["loss"]), ("reward", ["reward/mean", "reward/f/mean"]),
                                   ("KL", ["kl/ref"])]
+
+
+def test_the_plain_progress_prints_one_line_per_step(capsys):
+    """A trainer logs its closing row of `train_*` totals at the last step again: no second line for that step."""
+    from alignment.stages import Progress
+
+    progress = Progress("sft", total=2)
+    assert progress.plain  # pytest's captured stdout is not a terminal
+    for step in (1, 2):
+        progress.update(step)  # on_step_end
+        progress.update(step, {"loss": 4.0 - step, "grad_norm": 1.0})  # on_log
+    progress.update(2, {"train_loss": 2.5, "train_runtime": 7.9})  # the trainer's closing row
+    progress.stop()
+    assert capsys.readouterr().out.splitlines() == ["  sft step 1/2 loss 3", "  sft step 2/2 loss 2"]
+
+
+def test_a_resumed_stage_train_loss_weights_each_logged_window_by_its_steps():
+    from alignment.stages import stage_train_loss
+
+    rows = [{"step": 2, "loss": 4.0}, {"step": 4, "loss": 2.0}, {"step": 4, "train_loss": 9.0},  # a cut-off run's closing row
+            {"step": 6, "loss": 1.0}]  # logged after the checkpoint at 5, then cut off: dropped at the resume
+    # steps 1-4 logged (window 2 each), step 5 not; the resumed process ran 6-8 at a mean of 1.0
+    assert stage_train_loss(rows, 5, {"train_loss": 1.0}, 8) == {"train_loss": (4 * 2 + 2 * 2 + 1.0 * 3) / 7}
+    assert stage_train_loss(rows, 4) == {"train_loss": 3.0}  # resumed at the last step: only weights loaded
+    assert stage_train_loss(rows, 0, {"train_loss": 1.0}, 8) == {}  # not resumed: transformers' own stands
