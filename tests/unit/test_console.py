@@ -46,7 +46,8 @@ def test_columns_or_a_terminal_still_set_the_width(monkeypatch):
 
 
 def test_plan_and_the_run_summary_print_whole_tables_into_a_pipe(tiny_model_path, tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("COLUMNS", raising=False)  # pytest-xdist's workers set COLUMNS=80 before the cli's console is made:
+    monkeypatch.setattr("alignment.cli.console", Console(highlight=False))  # as `alignkit` starts without it
     runs = tmp_path / ("a-rather-long-run-directory-name-" * 3)
     recipe = write_recipe(tmp_path, tiny_model_path, {"sft": {"method": "sft", "data": ["sft"]}})
     res = CliRunner().invoke(app, ["plan", str(recipe), "--run-dir", str(runs)])
