@@ -426,7 +426,12 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         import vllm
 
-        if not _on_cpu():
+        if _on_cpu():
+            # Chunked prefill off: with it, a batch of more prompt tokens than a step's budget (4096, e.g. 200 eval
+            # prompts) prefills a request in part and rewinds its seeded sampler with `Generator.set_offset`, which
+            # a CPU generator refuses ("CPU Generator does not use offset"): sampled generations that large failed.
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
+        else:
             llm_kwargs.setdefault("gpu_memory_utilization", 0.3)  # leaves the rest to the colocated trainer
         self.dtype = getattr(torch, dtype)
         with _undecorated_classes() as private:
@@ -555,7 +560,7 @@ class VLLMServerEngine:
                 "--seed", str(seed), "--logprobs-mode", "processed_logprobs",
                 "--generation-config", "vllm",  # ignore the model's sampling defaults (e.g. repetition_penalty)
                 "--worker-extension-cls", f"{__name__}.VLLMWorkerExtension",
-                *(["--enforce-eager"] if _on_cpu() else []),
+                *(["--enforce-eager", "--no-enable-chunked-prefill"] if _on_cpu() else []),  # as VLLMEngine
                 *(["--gpu-memory-utilization", str(gpu_memory_utilization)] if gpu_memory_utilization else []),
                 *extra_args,
             ]

@@ -231,6 +231,17 @@ def test_vllm_sampling_logprobs_match_forward(vllm_engine, model_path, prompts):
         assert max_gap(c.logprobs, forward_logprobs(model, c, temperature=0.7, top_k=5)) < LOGPROB_TOL
 
 
+def test_vllm_samples_more_prompt_tokens_than_one_step_takes(vllm_engine, model_path):
+    """12 distinct 400-token prompts: more than vLLM's 4096 tokens per step, so one prompt does not fit whole into
+    the first step. With chunked prefill (vLLM's default) a seeded sampled batch that large failed on CPU ("CPU
+    Generator does not use offset"); 200 eval prompts at temperature 1 hit it (the `kl` eval)."""
+    vocab = len(AutoTokenizer.from_pretrained(model_path))
+    long = [[(7 * i + j) % vocab for j in range(400)] for i in range(12)]
+    outputs = vllm_engine.generate(long, SamplingConfig(max_new_tokens=4, temperature=1.0, seed=5))
+    assert [len(per_prompt) for per_prompt in outputs] == [1] * 12
+    assert all(len(c.completion_ids) == len(c.logprobs) > 0 for c in flat(outputs))
+
+
 def test_vllm_follows_a_perturbation_of_all_weights(vllm_engine, model_path, prompts):
     model = load(model_path)
     before = hf_greedy(model, model_path, prompts)
