@@ -5,7 +5,9 @@ numbers and their standard errors, in the run summary (`alignkit run`) and the r
 An RL stage is one whose method generates (grpo, ppo). Its training reward *rose* when the mean `reward/mean` of
 its last quarter of logged steps beats that of its first quarter by `reward_hacking.reward_rise_se` standard
 errors (each step's reward is the mean over a fresh rollout, so steps are independent draws: SE^2 = var(first) /
-n + var(last) / n). A held-out eval is one of the recipe's evals that covers the stage and its `from` stage, has a
+n + var(last) / n) -- or, where an eval scores the held-out prompts with the reward model the stage trains on (the
+proxy, e.g. `reward_score`), when that score beats the `from` stage's by as many standard errors (paired): on a
+few prompts per update the training reward is noisy, the held-out proxy score much less so. A held-out eval is one of the recipe's evals that covers the stage and its `from` stage, has a
 direction (`higher_is_better` of its main metric) and does not score with a reward model the stage trains on (that
 is the proxy itself). It *improved* when the stage beats its `from` stage by `reward_hacking.eval_gain_se`
 standard errors, compared row by row where both have per-row scores (paired: SE = sd(differences) / sqrt(n)).
@@ -115,14 +117,15 @@ def _proxies(recipe: Recipe, stage: str) -> set[str]:
     return {(r.model_extra or {}).get("stage") for r in recipe.stages[stage].rewards if r.name == "reward_model"}
 
 
-def held_out_changes(recipe: Recipe, rundir: RunDir, stage: str) -> list[tuple[str, str, Change, bool]]:
-    """(eval name, main metric, change from the stage's `from` stage, whether higher is better) per held-out eval."""
+def eval_changes(recipe: Recipe, rundir: RunDir, stage: str) -> list[tuple[str, str, Change, bool, bool]]:
+    """(eval name, main metric, change from the stage's `from` stage, whether higher is better, whether it scores
+    with a reward model the stage trains on: the proxy) per eval of both stages with a direction."""
     from evals.runner import eval_names, eval_stages
 
     before, after = rundir.read_evals(recipe.stages[stage].from_) or {}, rundir.read_evals(stage) or {}
     out = []
     for ev, name in zip(recipe.evals, eval_names(recipe.evals)):
-        if stage not in eval_stages(recipe, ev) or set(map(str, ev.args.values())) & _proxies(recipe, stage):
+        if stage not in eval_stages(recipe, ev):
             continue
         x, y = (before.get("tasks") or {}).get(name), (after.get("tasks") or {}).get(name)
         if not x or not y or x.get("skipped") or y.get("skipped"):
@@ -131,8 +134,14 @@ def held_out_changes(recipe: Recipe, rundir: RunDir, stage: str) -> list[tuple[s
         higher = (y.get("higher_is_better") or {}).get(metric)
         change = eval_change(x, y, metric) if higher is not None else None
         if change is not None:
-            out.append((name, metric, change, higher))
+            out.append((name, metric, change, higher, bool(set(map(str, ev.args.values())) & _proxies(recipe, stage))))
     return out
+
+
+def held_out_changes(recipe: Recipe, rundir: RunDir, stage: str) -> list[tuple[str, str, Change, bool]]:
+    """(eval name, main metric, change from the stage's `from` stage, whether higher is better) per held-out eval
+    (`eval_changes` without the proxy's)."""
+    return [(n, m, c, higher) for n, m, c, higher, proxy in eval_changes(recipe, rundir, stage) if not proxy]
 
 
 def improved(change: Change, higher_is_better: bool, gain_se: float) -> bool:
@@ -152,16 +161,24 @@ def reward_hacking_alarms(recipe: Recipe, run_dir: Path | str) -> list[Alarm]:
         if recipe.stages[stage].rollout is None or rundir.read_manifest(stage) is None:
             continue
         rows, start = rundir.read_metrics(stage), recipe.stages[stage].from_
+        rises = []
         rise = reward_rise(rows)
         if rise is not None and rise.z is not None and rise.z >= cfg.reward_rise_se:
+            rises.append(f"the training reward rose {rise.text()}, first vs last quarter of "
+                         f"{sum('reward/mean' in r for r in rows)} logged steps")
+        rises += [f"the reward model's score on the held-out prompts ({n} {m}) rose {c.text()} over {start}"
+                  f"{f', paired over {c.n} rows' if c.paired else ''}"
+                  for n, m, c, higher, proxy in eval_changes(recipe, rundir, stage)
+                  if proxy and c.z is not None and improved(c, higher, cfg.reward_rise_se)]
+        if rises:
             flat = [(n, m, c) for n, m, c, higher in held_out_changes(recipe, rundir, stage)
                     if not improved(c, higher, cfg.eval_gain_se)]
             if flat:
                 evals = "; ".join(f"{n} {m} {c.text()}{f', paired over {c.n} rows' if c.paired else ''}"
                                   for n, m, c in flat)
                 alarms.append(Alarm(stage, "reward_vs_eval", (
-                    f"{stage}: possible reward hacking -- the training reward rose {rise.text()}, first vs last "
-                    f"quarter of {sum('reward/mean' in r for r in rows)} logged steps, but the held-out evals did not improve on {start}: {evals}. "
+                    f"{stage}: possible reward hacking -- {' and '.join(rises)}, but the held-out evals did not "
+                    f"improve on {start}: {evals}. "
                     f"The policy may be exploiting the reward rather than getting better at the task.")))
         kl = kl_level(rows)
         if cfg.kl_budget is not None and kl is not None and kl[0] > cfg.kl_budget:

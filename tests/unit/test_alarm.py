@@ -89,7 +89,8 @@ def test_quickstart_ppo_triggers_it(tmp_path):
     assert "first vs last quarter of 20 logged steps" in text
     # accuracy did not improve on sft: ±0 with its paired standard error sqrt(10 / 199) / sqrt(200) = 0.0159
     assert "did not improve on sft: accuracy accuracy 0.7 → 0.7 (±0 ± 0.01585), paired over 200 rows" in text
-    assert "reward_score" not in text  # the reward model's own score is the proxy, not a held-out eval
+    assert "and the reward model's score on the held-out prompts (reward_score reward) rose 1.67 → 1.79" in text
+    assert "paired over 200 rows. The policy" in text  # the proxy is evidence the reward rose, never a held-out eval
 
 
 def test_the_demo_does_not(tmp_path):
@@ -104,10 +105,33 @@ def test_the_demo_would_if_its_accuracy_had_stayed_flat(tmp_path):
     assert alarm.stage == "grpo" and "did not improve on sft: accuracy accuracy 0.705 → 0.71 (+0.005 ±" in alarm.message
 
 
-def test_a_flat_training_reward_raises_no_alarm(tmp_path):
+def test_a_flat_training_reward_and_proxy_score_raise_no_alarm(tmp_path):
     recipe, run_dir = ppo_run(tmp_path)
     write_jsonl(run_dir / "ppo" / "metrics.jsonl", rising(1.68, 1.68, kl_ref=0.0))
+    (run_dir / "evals" / "ppo.json").write_text(json.dumps({"stage": "ppo", "tasks": {
+        "accuracy": accuracy(flipped(SFT_ACCURACY, 5, 5)), "reward_score": reward_score(1.67)}}))
     assert reward_hacking_alarms(recipe, run_dir) == []
+
+
+def test_the_held_out_proxy_score_rising_counts_when_the_training_reward_is_noise(tmp_path):
+    """quickstart-ppo as measured on the bundled model: 32 prompts per update make the training reward swing
+    0.29-0.80 (first vs last quarter +1.0 SE), while the reward model's greedy score on the 200 held-out prompts
+    rose 0.55 -> 0.68 (3.7 SE paired) and accuracy fell 64 % -> 57 %."""
+    recipe, run_dir = ppo_run(tmp_path)
+    write_jsonl(run_dir / "ppo" / "metrics.jsonl", rising(0.53, 0.60, noise=0.15, kl_ref=0.0))
+    sft = [1.0] * 128 + [0.0] * 72
+    rng = random.Random(0)
+    before = [0.55 + rng.gauss(0, 0.3) for _ in range(200)]
+    after = [b + 0.13 + rng.gauss(0, 0.25) for b in before]
+    score = lambda s: {"metrics": {"reward": sum(s) / len(s)}, "main": "reward", "higher_is_better": {"reward": True}, "scores": s}
+    for stage, acc, rm in (("sft", sft, before), ("ppo", flipped(sft, 15, 29), after)):
+        (run_dir / "evals" / f"{stage}.json").write_text(json.dumps({"stage": stage, "tasks": {
+            "accuracy": accuracy(acc), "reward_score": score(rm)}}))
+    assert reward_rise(rising(0.53, 0.60, noise=0.15)).z < 2  # the training reward alone: no alarm
+    [alarm] = reward_hacking_alarms(recipe, run_dir)
+    assert alarm.kind == "reward_vs_eval" and "the training reward" not in alarm.message
+    assert "the reward model's score on the held-out prompts (reward_score reward) rose 0.5" in alarm.message
+    assert "over sft, paired over 200 rows" in alarm.message and "accuracy accuracy 0.64 → 0.57" in alarm.message
 
 
 def test_the_kl_budget(tmp_path):
@@ -118,7 +142,7 @@ def test_the_kl_budget(tmp_path):
     for budget in (10.0, 20.0):
         recipe, run_dir = ppo_run(tmp_path / str(budget), reward_hacking=RewardHackingConfig(kl_budget=budget))
         write_jsonl(run_dir / "ppo" / "metrics.jsonl", rows)
-        found[budget] = reward_hacking_alarms(recipe, run_dir)
+        found[budget] = [a for a in reward_hacking_alarms(recipe, run_dir) if a.kind == "kl_budget"]
     assert found[20.0] == []
     [alarm] = found[10.0]
     assert alarm.kind == "kl_budget" and alarm.message.startswith(
