@@ -171,7 +171,11 @@ class WarmLauncher(Launcher):
     def spawn(self, command: list[str], **popen_kwargs) -> subprocess.Popen:
         if self._waiting is not None and command[:2] == [sys.executable, "-m"] and set(popen_kwargs) <= {"pass_fds"}:
             request = json.dumps({"argv": command[2:], "cwd": os.getcwd()}).encode()
-            socket.send_fds(self._sock, [request], list(popen_kwargs.get("pass_fds", ())))
+            try:
+                socket.send_fds(self._sock, [request], list(popen_kwargs.get("pass_fds", ())))
+            except OSError:  # the child is gone (it died after planning): start the command fresh instead
+                self.close()
+                return spawn(command, **popen_kwargs)
             self._sock.close()
             self._waiting, self._served = None, True
             return self._child

@@ -167,3 +167,11 @@ def test_another_command_lets_the_warm_child_go_first(tmp_path):
     assert waiting.returncode == 0 and not procs.alive(waiting.pid)  # gone before the command started
     assert not launcher.is_warm(proc) and launcher.wait(proc) == 0
     launcher.close()  # nothing left to let go
+
+
+def test_a_warm_child_that_died_is_replaced_by_a_fresh_start(tmp_path):
+    launcher = warm_launcher(tmp_path)
+    launcher._child.kill()
+    launcher._child.wait()
+    proc = launcher.spawn([sys.executable, "-m", "json.tool", "--help"], pass_fds=[])
+    assert not launcher.is_warm(proc) and launcher.wait(proc) == 0
