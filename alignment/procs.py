@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 WATCH_INTERVAL_S = 0.2  # how soon a watchdog notices that its parent died
@@ -223,7 +224,9 @@ def serve_one(sock: socket.socket) -> int:
     sys.argv = [module, *args]
     sys.stdout.reconfigure(line_buffering=True)
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        with warnings.catch_warnings():  # planning imported the module already (alignment.stage): runpy's warning
+            warnings.filterwarnings("ignore", "'.*' found in sys.modules after import of package", RuntimeWarning)
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
             return e.code or 0
