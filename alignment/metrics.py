@@ -84,6 +84,8 @@ METRICS: dict[str, Metric] = {
                                   "counted as None, 0 in the total", "count"),
     "reward/zero_std_frac": Metric("share of prompts whose completions all scored the same (no GRPO signal)",
                                    "share", "reward"),
+    "zero_advantage/skipped_frac": Metric("grpo: share of rows left out of the forward/backward for an advantage "
+                                          "of 0 (alignment.stages.grpo.SkipZeroAdvantageRows)", "share"),
     "kl/ref": Metric("KL(policy || reference) per sequence: the estimator summed over tokens, mean over sequences",
                      "nats/sequence", "KL"),
     "kl/ref_per_token": Metric("KL(policy || reference), mean over valid tokens (grpo's in-loss k3)", "nats/token",

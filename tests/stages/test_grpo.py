@@ -78,3 +78,90 @@ def test_a_reward_that_loses_every_score_stops_the_stage_naming_it(tmp_path, tin
     man = json.loads((run_dir / "grpo" / "manifest.json").read_text())
     assert man["status"] == "failed" and man["exit_code"] == 2
     assert (run_dir / "grpo" / "checkpoints" / "checkpoint-1").is_dir()  # the last checkpoint is kept
+
+
+def _trainer(tiny_model_path, tmp_path, **args):
+    """A GRPOTrainer over the tiny model in float64 (the comparisons below are then free of float32's rounding,
+    which the +/- advantages of a group cancel into) with our zero-advantage mixin; `_compute_loss` only."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from alignment.stages.grpo import SkipZeroAdvantageRows
+
+    config = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
+                        max_completion_length=6, report_to=[], use_cpu=True, **args)
+    cls = type("GRPOTrainer", (SkipZeroAdvantageRows, GRPOTrainer), {})
+    return cls(model=AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float64), reward_funcs=[sevens], args=config,
+               train_dataset=Dataset.from_list([{"prompt": "say 1"}] * 8),
+               processing_class=AutoTokenizer.from_pretrained(tiny_model_path))
+
+
+def _batch(rows=8, prompt=5, completion=6, vocab=100):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(rows, completion, dtype=torch.long)
+    mask[1, 4:] = 0  # one short completion
+    # two groups of 4: the first scored all alike (advantage 0), the second not
+    advantages = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.2, -0.4, -0.4, -0.4])
+    return {"prompt_ids": torch.randint(3, vocab, (rows, prompt), generator=g),
+            "prompt_mask": torch.ones(rows, prompt, dtype=torch.long),
+            "completion_ids": torch.randint(3, vocab, (rows, completion), generator=g), "completion_mask": mask,
+            "advantages": advantages, "num_items_in_batch": mask.sum()}
+
+
+def _loss_grads_rows(trainer, inputs):
+    """The loss, its gradients and the rows the policy forward saw."""
+    seen = []
+    forward = trainer._get_per_token_logps_and_entropies
+
+    def counting(model, input_ids, *args, **kwargs):
+        seen.append(input_ids.shape[0])
+        return forward(model, input_ids, *args, **kwargs)
+
+    trainer._get_per_token_logps_and_entropies = counting
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer.training_step sets
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer._compute_loss(trainer.model, inputs)
+    loss.backward()
+    trainer._get_per_token_logps_and_entropies = forward
+    grads = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+    return loss.detach(), grads, seen
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo"])
+def test_zero_advantage_rows_skip_the_forward_with_the_same_loss_and_gradient(tmp_path, tiny_model_path, loss_type):
+    from alignment.stages.grpo import SkipZeroAdvantageRows
+
+    trainer = _trainer(tiny_model_path, tmp_path, loss_type=loss_type, beta=0.0)
+    skipped = _loss_grads_rows(trainer, _batch())
+    trainer._rows_skippable = lambda inputs: False  # TRL's own computation, every row
+    every = _loss_grads_rows(trainer, _batch())
+    assert skipped[2] == [4] and every[2] == [8]  # half the rows, as half had advantage 0
+    # the loss is a difference of terms ~5000x its size (a group's advantages sum to 0): 1e-5 relative is rounding
+    assert float(skipped[0]) == pytest.approx(float(every[0]), rel=1e-5)
+    assert len(skipped[1]) == len(every[1]) > 0
+    for a, b in zip(skipped[1], every[1]):
+        assert float((a - b).abs().max()) <= 1e-10 * float(b.abs().max()) + 1e-14
+    assert trainer._metrics["train"]["zero_advantage/skipped_frac"] == [0.5]
+    assert "dapo" in SkipZeroAdvantageRows.EXACT_LOSS_TYPES  # TRL's default loss
+
+
+def test_zero_advantage_rows_train_where_they_move_the_loss(tmp_path, tiny_model_path):
+    """A KL term (beta > 0) or a per-row normaliser (loss_type grpo) gives zero-advantage rows a gradient or a
+    weight: every row trains, as in TRL. A micro-batch of zero-advantage rows alone keeps one row."""
+    import torch
+
+    for args in ({"beta": 0.1}, {"loss_type": "grpo", "beta": 0.0}):
+        trainer = _trainer(tiny_model_path, tmp_path, **args)
+        inputs = _batch()
+        if args.get("beta"):
+            inputs["ref_per_token_logps"] = torch.zeros_like(inputs["completion_mask"], dtype=torch.float)
+        assert _loss_grads_rows(trainer, inputs)[2] == [8], args
+    trainer = _trainer(tiny_model_path, tmp_path, beta=0.0)
+    inputs = {**_batch(), "advantages": torch.zeros(8)}
+    loss, grads, seen = _loss_grads_rows(trainer, inputs)
+    assert seen == [1] and float(loss) == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads)
