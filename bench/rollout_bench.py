@@ -4,7 +4,8 @@ engine follows the policy after a sync (mean |engine log-prob - trainer log-prob
 
     .venv/bin/python bench/rollout_bench.py [--model PATH] [--engines hf vllm vllm-server] [--out FILE.json]
 
-The default model is the bundled SmolLM2-135M-Instruct in bf16 (`make demo` puts it in the cache).
+The default model is the bundled SmolLM2-135M-Instruct (`make demo` puts it in the cache), in the precision the
+quick start trains in here (`bf16: auto`: bf16 where the CPU or GPU has it natively, else fp32).
 """
 from __future__ import annotations
 
@@ -65,10 +66,14 @@ def bench_engine(name: str, model_path: str, dtype: str, policy, perturbed, prom
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=default_model())
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", help="default: what `bf16: auto` picks here (bfloat16 where native, else float32)")
     parser.add_argument("--engines", nargs="+", default=["hf", "vllm", "vllm-server"])
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
+    if args.dtype is None:
+        from alignment.models import bf16_supported
+
+        args.dtype = "bfloat16" if bf16_supported() else "float32"
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
