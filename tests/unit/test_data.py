@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from alignment.data import (DataError, DataReport, build, check, check_truncation, completion_span, load, mixture,
+from alignment.data import (DataError, DataReport, build, check, check_truncation, completion_span, completion_spans, load, mixture,
                             split_prompt)
 from alignment.recipe import DataRef, DatasetConfig
 from tests.helpers import write_jsonl
@@ -352,6 +352,19 @@ def test_completion_span_is_format_aware(char_tokenizer):
     assert completion_span({"prompt": chat[:1], "completion": chat[1:]}, char_tokenizer) == (21, 25)
     assert completion_span({"prompt": "ab", "chosen": "c", "rejected": "def"}, char_tokenizer) == (2, 6)  # longer + EOS
     assert completion_span({"text": "abcd"}, char_tokenizer) == (0, 5)
+
+
+def test_completion_spans_of_mixed_rows_in_batches_match_row_by_row(char_tokenizer, monkeypatch):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    rows = [{"text": "abcd"}, {"messages": chat}, {"prompt": "ab", "chosen": "c", "rejected": "def"},
+            {"prompt": chat[:1], "completion": chat[1:]}, {"messages": chat[1:]}, {"prompt": "What is 4+8?", "completion": " 12"},
+            {"messages": chat + [{"role": "user", "content": "and?"}, {"role": "assistant", "content": "no"}]}]
+    one_by_one = [completion_span(row, char_tokenizer) for row in rows]
+    assert one_by_one[4] == (0, 15) and one_by_one[6][0] > 25  # one turn: no prompt, all 15 tokens; the last of four turns
+    monkeypatch.setattr("alignment.data.SPAN_BATCH", 3)  # batches that cut the rows' kinds apart
+    assert completion_spans(rows, char_tokenizer) == one_by_one
+    monkeypatch.setattr("alignment.data.SPAN_BATCH", 512)
+    assert completion_spans(rows, char_tokenizer) == one_by_one
 
 
 
