@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -567,6 +568,20 @@ def completion_span(row: dict, tokenizer) -> tuple[int, int]:
     return completion_spans([row], tokenizer)[0]
 
 
+_counted: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> {rows' digest: their spans}
+
+
+def _dataset_spans(tokenizer, rows: list[dict]) -> list[tuple[int, int]]:
+    """`completion_spans` of a dataset's rows, remembered for this tokenizer object (and its chat template) until
+    `check_truncation` is done with it: `alignkit run` counts while it checks the recipe (`validate`), then the
+    stage it starts in the same process counts with the same tokenizer (`models.keep_tokenizer`)."""
+    key = hashlib.sha256(json.dumps([tokenizer.chat_template, rows], sort_keys=True, default=str).encode()).hexdigest()
+    memo = _counted.setdefault(tokenizer, {})
+    if key not in memo:
+        memo[key] = completion_spans(rows, tokenizer)
+    return memo[key]
+
+
 def count_truncated(tokenizer, max_length: int, datasets_cfg: dict[str, DatasetConfig], refs: list[DataRef],
                     accept: tuple[str, ...], *, on_bad_rows: Optional[str] = None, report: Optional[DataReport] = None) -> None:
     """Count, per dataset, the rows whose completion `max_length` (keep the first tokens, TRL's default) cuts
@@ -583,7 +598,7 @@ def count_truncated(tokenizer, max_length: int, datasets_cfg: dict[str, DatasetC
         loaded = load(ref.name, datasets_cfg[ref.name], on_bad_rows=on_bad_rows)
         check(loaded, accept, on_bad_rows=on_bad_rows)
         total += len(loaded.rows)
-        for i, (start, length) in enumerate(completion_spans(loaded.rows, tokenizer)):
+        for i, (start, length) in enumerate(_dataset_spans(tokenizer, loaded.rows)):
             if start >= max_length and length > start:
                 report.add(ref.name, "truncated", loaded.where(i), f"prompt of {start} tokens >= max_length {max_length}")
             elif length > max_length:
@@ -611,7 +626,10 @@ def check_truncation(dataset, tokenizer, max_length: Optional[int], datasets_cfg
     if max_length is None:
         return dataset
     report = DataReport() if report is None else report
-    count_truncated(tokenizer, max_length, datasets_cfg, refs, accept, on_bad_rows=on_bad_rows, report=report)
+    try:
+        count_truncated(tokenizer, max_length, datasets_cfg, refs, accept, on_bad_rows=on_bad_rows, report=report)
+    finally:
+        _counted.pop(tokenizer, None)  # the stage's last count: not held while it trains
     for line in report.lines(TRUNCATION):
         print(f"alignkit: max_length {max_length}: {line}", flush=True)
     if bad_row_policy(on_bad_rows, "truncated") == "drop" and report.rows("truncated"):

@@ -474,7 +474,7 @@ def _check_eval_data(recipe: Recipe, loaded: dict, *, offline: bool = False) -> 
 def _check_lengths(recipe: Recipe, folder: Path, report) -> None:
     """Rows each SFT stage's `max_length` cuts, counted with the tokenizer alone (`count_truncated`)."""
     from alignment.data import count_truncated
-    from alignment.models import load_tokenizer
+    from alignment.models import keep_tokenizer, load_tokenizer
     from alignment.stages import effective_args
 
     tokenizer = None
@@ -484,3 +484,5 @@ def _check_lengths(recipe: Recipe, folder: Path, report) -> None:
             tokenizer = tokenizer or load_tokenizer(str(folder), trust_remote_code=recipe.model.trust_remote_code)
             count_truncated(tokenizer, max_length, recipe.data, st.data, STAGES.get(st.method).formats,
                             on_bad_rows=recipe.on_bad_rows, report=report)
+    if tokenizer is not None:  # for the stage that `alignkit run` starts in this process (spans counted included)
+        keep_tokenizer(tokenizer, str(folder), trust_remote_code=recipe.model.trust_remote_code)

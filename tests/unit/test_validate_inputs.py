@@ -134,3 +134,28 @@ def test_a_misspelt_top_level_key_is_one_problem_with_its_line(tmp_path):
     with pytest.raises(RecipeError) as exc:
         load_recipe(recipe)
     assert str(exc.value) == f"invalid recipe {recipe}:\n  {recipe}:3: stagse: unknown key 'stagse' (did you mean 'stages'?)"
+
+
+def test_the_stage_after_validate_in_one_process_reuses_its_tokenizer_and_counted_spans(tmp_path, tiny_model_path,
+                                                                                        monkeypatch):
+    import alignment.data as data
+    from alignment.models import load_tokenizer
+    from alignment.recipe import DataRef
+
+    write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "1+1=", "completion": "2"}, {"prompt": "x" * 40, "completion": "y" * 40}])
+    stages = {"sft": {"method": "sft", "data": ["sft"], "args": {"max_length": 50}}}
+    recipe = write_recipe(tmp_path, tiny_model_path, stages, data={"sft": {"path": "sft.jsonl"}})
+    tokenized, spans = [], data.completion_spans
+    monkeypatch.setattr(data, "completion_spans", lambda rows, tok: tokenized.append(len(rows)) or spans(rows, tok))
+    rec = load_recipe(recipe)
+    check_inputs(rec, recipe)
+    assert tokenized == [2]
+    tokenizer = load_tokenizer(str(tiny_model_path))  # as the stage loads it: validate's, handed over once
+    assert load_tokenizer(str(tiny_model_path)) is not tokenizer
+    report = data.DataReport()
+    ds = data.build(rec.data, [DataRef(name="sft")], ("prompt_completion",))
+    assert len(data.check_truncation(ds, tokenizer, 50, rec.data, [DataRef(name="sft")], ("prompt_completion",),
+                                     report=report)) == 2
+    assert tokenized == [2] and report.counts == {"sft": {"truncated_partly": 1}}  # the same count, not tokenized again
+    data.count_truncated(tokenizer, 50, rec.data, [DataRef(name="sft")], ("prompt_completion",))
+    assert tokenized == [2, 2]  # the stage is done with it: not kept while it trains
