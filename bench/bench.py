@@ -114,7 +114,8 @@ def settings(quick: bool, work: Path) -> dict:
 
     model = str(tiny_model(work / "tiny-49k") if quick else bundled_path("smollm2-135m-instruct"))
     # the RL rollout of the issue's measurement in both modes: 8 prompts x 8 completions x 16 tokens
-    return {"model": model, "bf16": bf16_supported(), "sft_steps": 2 if quick else 12, "sft_batch": 8,
+    # save_steps on both sides: no checkpoint but the one at the last step, which TRL's defaults write too
+    return {"model": model, "bf16": bf16_supported(), "save_steps": 1000, "sft_steps": 2 if quick else 12, "sft_batch": 8,
             "rl_steps": 2 if quick else 4, "num_generations": 8, "rollout_size": 64, "max_new_tokens": 16}
 
 
@@ -135,9 +136,9 @@ def _alignkit(work: Path, recipe: Path) -> list[str]:
 def cases(s: dict, work: Path) -> dict[str, list[str]]:
     rollout = {"backend": "hf", "num_generations": s["num_generations"], "max_new_tokens": s["max_new_tokens"],
                "temperature": 0.7}
-    rl_common = {"learning_rate": 1.0e-4, "max_steps": s["rl_steps"], "bf16": s["bf16"], "save_steps": 1000}
+    rl_common = {"learning_rate": 1.0e-4, "max_steps": s["rl_steps"], "bf16": s["bf16"], "save_steps": s["save_steps"]}
     sft = {"method": "sft", "args": {"learning_rate": 1.0e-3, "max_steps": s["sft_steps"], "bf16": s["bf16"],
-                                     "per_device_train_batch_size": s["sft_batch"], "save_steps": 1000}}
+                                     "per_device_train_batch_size": s["sft_batch"], "save_steps": s["save_steps"]}}
     # alignkit's way with a rollout: forward/backward over two prompts' groups at a time, accumulated to one
     # optimizer step per rollout (the same loss as one pass over all of it; raw TRL below takes it at once)
     micro = {"per_device_train_batch_size": 2 * s["num_generations"],
@@ -147,7 +148,8 @@ def cases(s: dict, work: Path) -> dict[str, list[str]]:
     # the same rollout, one minibatch, one epoch: one forward + backward over it, as GRPO's step
     ppo = {"method": "ppo", "rewards": [{"name": "math_accuracy"}], "rollout": rollout,
            "args": {**rl_common, **micro, "num_mini_batches": 1, "num_ppo_epochs": 1}}
-    raw = [sys.executable, str(ROOT / "bench" / "raw_trl.py"), "--model", s["model"], "--seed", "0"]
+    raw = [sys.executable, str(ROOT / "bench" / "raw_trl.py"), "--model", s["model"], "--seed", "0",
+           "--save-steps", str(s["save_steps"])]
     raw_bf16 = ["--bf16"] if s["bf16"] else []
     return {
         "sft/trl": [*raw, "sft", "--data", str(DATA / "sft.jsonl"), "--out", str(work / "trl-sft"),

@@ -2,7 +2,10 @@
 TRL (same model, data, LoRA, optimizer settings, seed and steps; GRPO generates with TRL's own HF `generate`).
 
     python bench/raw_trl.py sft|grpo --model PATH --data FILE.jsonl --out DIR --steps N [--batch B] [--lr LR]
-        [--num-generations G] [--max-new-tokens T] [--bf16]
+        [--num-generations G] [--max-new-tokens T] [--save-steps S] [--bf16]
+
+Checkpoints as TRL's defaults write them (`save_strategy="steps"`): every `--save-steps` and at the last step,
+as the alignkit side does with the same `save_steps`.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, required=True)
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--save-steps", type=int, default=500, help="TRL's default")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -39,7 +43,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32")
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     common = dict(output_dir=args.out, max_steps=args.steps, learning_rate=args.lr, per_device_train_batch_size=args.batch,
-                  logging_steps=1, save_strategy="no", report_to=[], seed=args.seed, bf16=args.bf16, use_cpu=True,
+                  logging_steps=1, save_steps=args.save_steps, report_to=[], seed=args.seed, bf16=args.bf16, use_cpu=True,
                   disable_tqdm=True)
     if args.method == "sft":
         from trl import SFTConfig, SFTTrainer
