@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -218,21 +219,36 @@ def dataset_digest(cfg: DatasetConfig) -> str:
 # ---------------------------------------------------------------- loading
 
 
+def read_text(path: Path) -> str:
+    """A local data file's text: UTF-8, a leading byte-order mark dropped (as Windows editors write it).
+
+    Raises:
+        DataError: bytes that are not UTF-8, naming the file, the line and the column.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); save the file "
+                        f"as UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
     rows, lines = [], []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                column = min(e.pos, len(line.rstrip("\r\n"))) + 1  # a row cut short fails past its newline
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {column})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append(row)
-            lines.append(lineno)
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            column = min(e.pos, len(line.rstrip("\r"))) + 1  # a row cut short fails past its end
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {column})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append(row)
+        lines.append(lineno)
     return rows, lines
 
 
@@ -260,6 +276,10 @@ def load(name: str, cfg: DatasetConfig, *, on_bad_rows: Optional[str] = None,
         where = lambda i: f"{cfg.path}[{cfg.split}]: row {i + 1}"  # noqa: E731
     if cfg.columns:
         rows = [{cfg.columns.get(k, k): v for k, v in r.items()} for r in rows]
+    if path.suffix == ".csv":  # a CSV cell is text: `true` / `false` in a label column is the boolean
+        for row in rows:
+            if isinstance(row.get("label"), str) and row["label"].strip().lower() in ("true", "false"):
+                row["label"] = row["label"].strip().lower() == "true"
     if cfg.max_rows:
         rows = rows[: cfg.max_rows]
     if not rows:
@@ -280,14 +300,11 @@ def load(name: str, cfg: DatasetConfig, *, on_bad_rows: Optional[str] = None,
 def _looks_like_jsonl(path: Path) -> bool:
     if not path.exists():
         return False
-    with open(path, encoding="utf-8") as fh:
-        head = fh.read(1).strip() or fh.readline().strip()[:1]
-    return head == "{"
+    return read_text(path).lstrip()[:1] == "{"
 
 
 def _csv_header(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return next(csv.reader(fh), [])
+    return next(csv.reader(io.StringIO(read_text(path), newline="")), [])
 
 
 def _read_csv(path: Path, text: list[str]) -> tuple[list[dict], list[int]]:
@@ -296,19 +313,19 @@ def _read_csv(path: Path, text: list[str]) -> tuple[list[dict], list[int]]:
     other columns are typed by pandas (e.g. a KTO `label` of true/false)."""
     import pandas as pd
 
+    content = read_text(path)
     try:
-        df = pd.read_csv(path, dtype={c: str for c in text}, keep_default_na=False,
-                         na_values={c: [""] for c in _csv_header(path) if c not in text}, encoding="utf-8")
+        df = pd.read_csv(io.StringIO(content, newline=""), dtype={c: str for c in text}, keep_default_na=False,
+                         na_values={c: [""] for c in _csv_header(path) if c not in text})
     except Exception as e:  # pandas raises many types for malformed files
         raise DataError(f"{path}: cannot read as csv: {e}") from None
     rows = df.astype(object).where(df.notna(), None).to_dict("records")
     starts, end = [], 0
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
-        for record in reader:
-            if record:  # pandas skips blank lines too
-                starts.append(end + 1)
-            end = reader.line_num
+    reader = csv.reader(io.StringIO(content, newline=""))
+    for record in reader:
+        if record:  # pandas skips blank lines too
+            starts.append(end + 1)
+        end = reader.line_num
     return rows, starts[1:]  # line 1 is the header
 
 
@@ -319,7 +336,9 @@ def _read_table(path: Path) -> list[dict]:
             import pyarrow.parquet as pq
 
             return pq.read_table(path).to_pylist()
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(read_text(path))
+    except DataError:
+        raise
     except Exception as e:  # pyarrow / json raise many types for malformed files
         raise DataError(f"{path}: cannot read as {path.suffix[1:]}: {e}") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):

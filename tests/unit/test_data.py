@@ -401,3 +401,48 @@ def test_dropped_rows_of_a_parquet_file_keep_their_row_numbers(tmp_path):
     loaded, report = report_of(p, ("text",), on_bad_rows="drop")
     assert report.examples == {"d": {"dropped": [f"{p}: row 2: column 'text' is empty (\"\")"]}}
     assert [loaded.where(i) for i in range(2)] == [f"{p}: row 1", f"{p}: row 3"]
+
+
+ROWS = '{"prompt": "What is 1+1?", "completion": "2"}\n'
+
+
+@pytest.mark.parametrize("name, content, line", [
+    ("d.jsonl", (ROWS * 2).encode() + b'{"prompt": "caf\xe9", "completion": "2"}\n', 3),
+    ("d.json", b'[{"prompt": "a",\n  "completion": "caf\xe9"}]', 2),
+    ("d.csv", b"prompt,completion\nWhat?,2\ncaf\xe9,2\n", 3),
+])
+def test_bytes_that_are_not_utf8_are_refused_with_file_and_line(tmp_path, name, content, line):
+    """A Latin-1 file (é as 0xe9) is one DataError naming file:line and the byte, not a UnicodeDecodeError."""
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(DataError, match=rf"{p}:{line}: not UTF-8 text \(byte 0xe9 at column \d+\)"):
+        load("d", cfg(p))
+
+
+@pytest.mark.parametrize("name, content", [
+    ("d.jsonl", ROWS * 2),
+    ("d.jsonl", ROWS.replace("\n", "\r\n") * 2),
+    ("d.json", '[{"prompt": "What is 1+1?", "completion": "2"}, {"prompt": "What is 1+1?", "completion": "2"}]'),
+    ("d.csv", "prompt,completion\r\nWhat is 1+1?,2\r\nWhat is 1+1?,2\r\n"),
+])
+def test_a_byte_order_mark_and_crlf_line_ends_read_as_plain_utf8(tmp_path, name, content):
+    """Files saved by Windows editors (BOM, CRLF) give the same rows and line numbers as plain ones."""
+    p = tmp_path / name
+    p.write_bytes(b"\xef\xbb\xbf" + content.encode())
+    loaded = load("d", cfg(p))
+    assert check(loaded, ("prompt_completion",)) == "prompt_completion"
+    assert loaded.rows == [{"prompt": "What is 1+1?", "completion": "2"}] * 2
+    if name != "d.json":
+        assert loaded.where(1) == f"{p}:{3 if name == 'd.csv' else 2}"
+
+
+def test_csv_labels_read_as_booleans_even_beside_a_bad_one(tmp_path):
+    """A CSV label column with one bad cell is text to pandas; its `true` / `false` cells are still booleans,
+    and only the bad cell is refused."""
+    p = tmp_path / "d.csv"
+    p.write_text("prompt,completion,label\nQ,a,true\nQ,b,FALSE\nQ,c,maybe\n")
+    with pytest.raises(DataError) as err:
+        check(load("d", cfg(p)), ("unpaired",))
+    assert f"{p}:4: column 'label' should be true or false" in str(err.value)
+    assert f"{p}:2" not in str(err.value) and f"{p}:3" not in str(err.value)
+    assert "1 malformed row(s) of 3" in str(err.value)
