@@ -15,7 +15,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from alignment.recipe import BASE, Problem, Recipe, RecipeError, RolloutConfig, line_for, parse_recipe
 from alignment.registry import did_you_mean
@@ -245,6 +245,42 @@ def _check_args(config_class, args: dict, path: tuple) -> list[Problem]:
 
 SCALARS = (int, float, bool)
 
+# Config fields without `choices` metadata whose value TRL 1.16 checks only inside the loss, at the first training
+# step ("Unknown loss type"): the values its trainers take, as that error and the field's help list them.
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("DPOConfig", "loss_type"): ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                                 "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"),
+    ("GRPOConfig", "loss_type"): ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
+}
+# TrainingArguments that need an eval set: alignkit hands its trainers none (held-out evals are the recipe's
+# `evals:`, run after the stage), so transformers' Trainer refuses them at construction, after the model loaded.
+NEEDS_EVAL_SET: dict[str, Callable[[Any], bool]] = {
+    "eval_strategy": lambda v: v not in (None, "no"),
+    "save_strategy": lambda v: v == "best",
+    "load_best_model_at_end": bool,
+    "metric_for_best_model": lambda v: v is not None,
+}
+
+
+def _choice_problems(config_class, args: dict, path: tuple) -> list[Problem]:
+    """Values outside a field's choices (its `choices` metadata, or `CHOICES`), and arguments that need an eval
+    set (`NEEDS_EVAL_SET`): what the trainer would refuse only once the model has loaded, or mid-training."""
+    problems = []
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    for key, value in args.items():
+        if key in NEEDS_EVAL_SET and NEEDS_EVAL_SET[key](value):
+            problems.append(Problem(path + (key,), f"{key}: {value!r} needs an eval set during training, and alignkit "
+                                                   f"trains without one (held-out evals are the recipe's `evals:`, run "
+                                                   f"after each stage); remove it"))
+            continue
+        choices = CHOICES.get((config_class.__name__, key)) or (fields[key].metadata.get("choices") if key in fields else None)
+        values = value if isinstance(value, list) else [value]
+        bad = [v for v in values if choices and isinstance(v, str) and v not in choices]
+        if bad:
+            problems.append(Problem(path + (key,), f"unknown {config_class.__name__}.{key} {bad[0]!r}"
+                                                   f"{did_you_mean(bad[0], list(choices))}; one of: {', '.join(choices)}"))
+    return problems
+
 
 def _scalar_type(hint):
     """`int`, `float`, `bool`, `int | float` (None allowed) -> a pydantic-checkable type; else (e.g. `list[float]`,
@@ -279,6 +315,7 @@ def _build_config(recipe: Recipe, name: str, config_class, path: tuple) -> list[
             continue
         if isinstance(value, str):
             args[key] = converted
+    problems += _choice_problems(config_class, args, path)
     if problems:
         return problems
     try:

@@ -286,3 +286,40 @@ def test_renamed_ppo_args_are_read_under_their_new_names_with_a_warning(tmp_path
 def test_old_and_new_ppo_names_together_are_not_rewritten(tmp_path):
     p = write(tmp_path, OLD_PPO.replace("      adam_eps: 1.0e-6\n", "      adam_eps: 1.0e-6\n      adam_epsilon: 1.0e-6\n"))
     assert "unknown PPOConfig argument 'adam_eps' (did you mean 'adam_epsilon'?)" in error_of(p)
+
+
+@pytest.mark.parametrize("method, args, key, says", [
+    ("dpo", "loss_type: hinge2", "loss_type", "unknown DPOConfig.loss_type 'hinge2' (did you mean 'hinge'?)"),
+    ("dpo", "loss_type: [sigmoid, sfft]", "loss_type", "unknown DPOConfig.loss_type 'sfft' (did you mean 'sft'?)"),
+    ("kto", "loss_type: sigmoid", "loss_type", "unknown KTOConfig.loss_type 'sigmoid'; one of: kto, apo_zero_unpaired"),
+    ("sft", "loss_type: nlll", "loss_type", "unknown SFTConfig.loss_type 'nlll' (did you mean 'nll'?)"),
+    ("sft", "{packing: true, packing_strategy: best}", "packing_strategy", "unknown SFTConfig.packing_strategy 'best'"),
+    ("cpo", "loss_type: simpoo", "loss_type", "unknown CPOConfig.loss_type 'simpoo' (did you mean 'simpo'?)"),
+    ("grpo", "loss_type: gspo", "loss_type", "unknown GRPOConfig.loss_type 'gspo'"),
+    ("sft", "eval_strategy: steps", "eval_strategy", "needs an eval set during training"),
+    ("dpo", "save_strategy: best", "save_strategy", "needs an eval set during training"),
+    ("kto", "load_best_model_at_end: true", "load_best_model_at_end", "needs an eval set during training"),
+])
+def test_what_a_trainer_refuses_only_after_loading_is_refused_at_validate(tmp_path, method, args, key, says):
+    """A value TRL checks only in its loss (an unknown loss_type: the first training step dies) or in the trainer's
+    constructor (an eval strategy without an eval set) is refused by validate, with the key and its line."""
+    args = args if args.startswith("{") else "{" + args + "}"
+    text = GOOD + f"  x:\n    method: {method}\n    data: [sft]\n    rewards: [{{name: math_accuracy}}]\n    args: {args}\n"
+    if method not in ("grpo",):
+        text = text.replace("    rewards: [{name: math_accuracy}]\n", "")
+    p = write(tmp_path, text)
+    msg = error_of(p)
+    line = text.splitlines().index(f"    args: {args}") + 1
+    assert f"r.yaml:{line}: stages.x.args.{key}: " in msg and says in msg, msg
+
+
+def test_every_documented_loss_type_is_accepted(tmp_path):
+    from alignment.validate import CHOICES
+
+    for (config, key), values in CHOICES.items():
+        method = {"DPOConfig": "dpo", "GRPOConfig": "grpo"}[config]
+        rewards = "    rewards: [{name: math_accuracy}]\n" if method == "grpo" else ""
+        for value in values:
+            if value in ("luspo", "vespo"):
+                continue  # these need importance_sampling_level set to match
+            load_recipe(write(tmp_path, GOOD + f"  x:\n    method: {method}\n    data: [sft]\n{rewards}    args: {{loss_type: {value}}}\n"))
