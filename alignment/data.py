@@ -52,11 +52,12 @@ CHANGES: dict[str, str] = {
     "split": "no `prompt` column: the prompt is the shared start of chosen/rejected, cut at a word boundary",
     "truncated": "completion cut away completely by max_length (nothing left to learn from)",
     "truncated_partly": "cut by max_length (part of the completion or text lost)",
+    "too_long": "longer than max_length: the trainer leaves it out",
     "contaminated": "shares an n-gram with an eval set, left out (decontaminate: drop)",
     "overlapping": "shares an n-gram with an eval set, kept (decontaminate: warn)",
 }
 EXAMPLES = 3  # file:line examples kept per dataset and kind
-TRUNCATION = ("truncated", "truncated_partly")
+TRUNCATION = ("truncated", "truncated_partly", "too_long")
 
 
 @dataclass
@@ -601,43 +602,61 @@ def _dataset_spans(tokenizer, rows: list[dict]) -> list[tuple[int, int]]:
     return memo[key]
 
 
+# How a trainer treats a row longer than its `max_length` (a stage's `long_rows`): TRL's SFT, DPO and KTO keep its
+# first tokens (dropping a row left without a completion token), its RewardTrainer leaves the row out.
+LONG_ROWS = ("truncates", "drops")
+
+
+def _long_row_kind(start: int, length: int, max_length: int, long_rows: str) -> Optional[tuple[str, str]]:
+    """(kind, why) of a row of `length` tokens whose completion starts at `start`, or None when it fits."""
+    if length <= max_length:
+        return None
+    if long_rows == "drops":
+        return "too_long", f"{length} tokens > max_length {max_length}"
+    if start >= max_length and length > start:
+        return "truncated", f"prompt of {start} tokens >= max_length {max_length}"
+    return "truncated_partly", f"{length} tokens > max_length {max_length}"
+
+
 def count_truncated(tokenizer, max_length: int, datasets_cfg: dict[str, DatasetConfig], refs: list[DataRef],
-                    accept: tuple[str, ...], *, on_bad_rows: Optional[str] = None, report: Optional[DataReport] = None) -> None:
-    """Count, per dataset, the rows whose completion `max_length` (keep the first tokens, TRL's default) cuts
-    away completely (`truncated`) or partly (`truncated_partly`) into `report`, with file:line. Needs only the
-    tokenizer: `validate` runs it before any model loads, the stage again (`check_truncation`).
+                    accept: tuple[str, ...], *, on_bad_rows: Optional[str] = None, report: Optional[DataReport] = None,
+                    long_rows: str = "truncates") -> None:
+    """Count, per dataset, the rows `max_length` affects into `report`, with file:line: under `long_rows`
+    "truncates" (keep the first tokens, TRL's default) those whose completion it cuts away completely
+    (`truncated`) or partly (`truncated_partly`); under "drops" those the trainer leaves out (`too_long`).
+    Needs only the tokenizer: `validate` runs it before any model loads, the stage again (`check_truncation`).
 
     Raises:
-        DataError: every row loses its whole completion (whatever the policy: nothing would train),
-            or any row is cut under `on_bad_rows: error`.
+        DataError: no row keeps a token of its completion (whatever the policy: nothing would train),
+            or any row is affected under `on_bad_rows: error`.
     """
     report = DataReport() if report is None else report
-    before, total = (report.rows("truncated"), report.rows("truncated_partly")), 0
+    before, total = {k: report.rows(k) for k in TRUNCATION}, 0
     for ref in refs:
         loaded = load(ref.name, datasets_cfg[ref.name], on_bad_rows=on_bad_rows)
         check(loaded, accept, on_bad_rows=on_bad_rows)
         total += len(loaded.rows)
         for i, (start, length) in enumerate(_dataset_spans(tokenizer, loaded.rows)):
-            if start >= max_length and length > start:
-                report.add(ref.name, "truncated", loaded.where(i), f"prompt of {start} tokens >= max_length {max_length}")
-            elif length > max_length:
-                report.add(ref.name, "truncated_partly", loaded.where(i), f"{length} tokens > max_length {max_length}")
-    cut, partly = report.rows("truncated") - before[0], report.rows("truncated_partly") - before[1]
-    if (total and cut == total) or (bad_row_policy(on_bad_rows, "truncated") == "error" and cut + partly):
+            found = _long_row_kind(start, length, max_length, long_rows)
+            if found:
+                report.add(ref.name, found[0], loaded.where(i), found[1])
+    new = {k: report.rows(k) - before[k] for k in TRUNCATION}
+    lost = new["truncated"] + new["too_long"]
+    if (total and lost == total) or (bad_row_policy(on_bad_rows, "truncated") == "error" and sum(new.values())):
         lines = "\n  ".join(report.lines(TRUNCATION))
-        why = "every row loses its whole completion" if cut == total else "on_bad_rows: error"
+        why = "every row loses its whole completion" if lost == total else "on_bad_rows: error"
         raise DataError(f"max_length {max_length}: {why}:\n  {lines}\n  raise `max_length` under the stage's args, "
-                        f"or shorten the prompts")
+                        f"or shorten the rows")
 
 
 def check_truncation(dataset, tokenizer, max_length: Optional[int], datasets_cfg: dict[str, DatasetConfig],
                      refs: list[DataRef], accept: tuple[str, ...], *, on_bad_rows: Optional[str] = None,
-                     report: Optional[DataReport] = None):
+                     report: Optional[DataReport] = None, long_rows: str = "truncates"):
     """`count_truncated`, then print the counts with file:line and apply `on_bad_rows` (default warn): drop
-    leaves out the completely cut rows from `dataset` (rows of `build(datasets_cfg, refs, accept)`).
+    leaves out of `dataset` (rows of `build(datasets_cfg, refs, accept)`) the rows that keep no completion token.
 
     Returns:
-        `dataset`, without the completely cut rows under `on_bad_rows: drop`.
+        `dataset`, without those rows under `on_bad_rows: drop`.
 
     Raises:
         DataError: see `count_truncated`.
@@ -646,11 +665,16 @@ def check_truncation(dataset, tokenizer, max_length: Optional[int], datasets_cfg
         return dataset
     report = DataReport() if report is None else report
     try:
-        count_truncated(tokenizer, max_length, datasets_cfg, refs, accept, on_bad_rows=on_bad_rows, report=report)
+        count_truncated(tokenizer, max_length, datasets_cfg, refs, accept, on_bad_rows=on_bad_rows, report=report,
+                        long_rows=long_rows)
     finally:
         _counted.pop(tokenizer, None)  # the stage's last count: not held while it trains
     for line in report.lines(TRUNCATION):
         print(f"alignkit: max_length {max_length}: {line}", flush=True)
-    if bad_row_policy(on_bad_rows, "truncated") == "drop" and report.rows("truncated"):
-        dataset = dataset.filter(lambda row: completion_span(row, tokenizer)[0] < max_length)
+    if bad_row_policy(on_bad_rows, "truncated") == "drop" and report.rows("truncated") + report.rows("too_long"):
+        def keeps(row) -> bool:
+            found = _long_row_kind(*completion_span(row, tokenizer), max_length, long_rows)
+            return found is None or found[0] == "truncated_partly"
+
+        dataset = dataset.filter(keeps)
     return dataset

@@ -357,7 +357,7 @@ def check_inputs(recipe: Recipe, path: str | Path, *, offline: bool = False):
     """What `validate` (and `run`, before any stage starts) checks beyond the recipe file, reading files only:
     every dataset a stage uses row by row against the stage's formats (`on_bad_rows`), the columns its rewards
     and evals read, the model folder (config and tokenizer files, or the hub when offline), a chat template
-    for conversational data, and the rows an SFT `max_length` cuts (with the tokenizer, no model).
+    for conversational data, and the rows a stage's `max_length` cuts or leaves out (with the tokenizer, no model).
 
     Returns:
         The `alignment.data.DataReport` of rows dropped, retyped, split or truncated.
@@ -509,17 +509,23 @@ def _check_eval_data(recipe: Recipe, loaded: dict, *, offline: bool = False) -> 
 
 
 def _check_lengths(recipe: Recipe, folder: Path, report) -> None:
-    """Rows each SFT stage's `max_length` cuts, counted with the tokenizer alone (`count_truncated`)."""
+    """Rows the `max_length` of each stage whose trainer cuts or leaves out long rows (its method's `long_rows`)
+    affects -- the recipe's value, else the config's default -- counted with the tokenizer alone
+    (`count_truncated`)."""
     from alignment.data import count_truncated
     from alignment.models import keep_tokenizer, load_tokenizer
     from alignment.stages import effective_args
 
     tokenizer = None
     for name, st in recipe.stages.items():
-        max_length = effective_args(recipe, name).get("max_length") if st.method == "sft" else None
-        if max_length:
+        fn = STAGES.get(st.method)
+        if not fn.long_rows:
+            continue
+        default = {f.name: f.default for f in dataclasses.fields(fn.config_class())}.get("max_length")
+        max_length = effective_args(recipe, name).get("max_length", default)
+        if max_length is not None:
             tokenizer = tokenizer or load_tokenizer(str(folder), trust_remote_code=recipe.model.trust_remote_code)
-            count_truncated(tokenizer, max_length, recipe.data, st.data, STAGES.get(st.method).formats,
-                            on_bad_rows=recipe.on_bad_rows, report=report)
+            count_truncated(tokenizer, max_length, recipe.data, st.data, fn.formats, on_bad_rows=recipe.on_bad_rows,
+                            report=report, long_rows=fn.long_rows)
     if tokenizer is not None:  # for the stage that `alignkit run` starts in this process (spans counted included)
         keep_tokenizer(tokenizer, str(folder), trust_remote_code=recipe.model.trust_remote_code)

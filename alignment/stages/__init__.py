@@ -10,7 +10,9 @@ class that `args` is checked against and built into; `formats` are the data form
 `defaults` are the method's values for config fields the recipe leaves out (a dict, or a function of
 the recipe and stage name for derived ones), so `effective_args` -- what the config is built from,
 and what the stage's fingerprint hashes -- is computed in one place; `generates` gives the stage a
-`rollout:` section (filled with its defaults when the recipe has none).
+`rollout:` section (filled with its defaults when the recipe has none); `long_rows` ("truncates" or "drops",
+`alignment.data.LONG_ROWS`) says what its trainer does with a row longer than the config's `max_length`, so the rows
+it affects are counted and told (`StageContext.check_lengths`, and `validate` before any model loads).
 """
 from __future__ import annotations
 
@@ -41,14 +43,15 @@ Defaults = Union[dict[str, Any], Callable[[Recipe, str], dict[str, Any]]]
 
 def stage(name: str, *, config: Optional[Callable[[], type]] = None, formats: tuple[str, ...] = (),
           check: Optional[Callable[[Recipe, str], list]] = None, defaults: Optional[Defaults] = None,
-          generates: bool = False, upgrade: Optional[Callable[[Recipe, str], list]] = None):
+          generates: bool = False, upgrade: Optional[Callable[[Recipe, str], list]] = None,
+          long_rows: Optional[str] = None):
     """Register a stage function under `name` (see the module docstring). `upgrade(recipe, name)` rewrites
     argument names the method used to take into today's, in the recipe, and returns one `Problem` (a warning: key
     path and what it became) per rewrite."""
 
     def decorator(fn):
         fn.config_class, fn.formats, fn.check = config, formats, check
-        fn.defaults, fn.generates, fn.upgrade = defaults or {}, generates, upgrade
+        fn.defaults, fn.generates, fn.upgrade, fn.long_rows = defaults or {}, generates, upgrade, long_rows
         return STAGES.register(name)(fn)
 
     return decorator
@@ -200,6 +203,19 @@ class StageContext:
                         decontaminate=self.recipe.decontaminate.action if self.recipe.decontaminate else None)
         self.fault_point("data")
         return dataset
+
+    def check_lengths(self, dataset, tokenizer, max_length: Optional[int]):
+        """`alignment.data.check_truncation` of this stage's data: the rows its trainer's `max_length` cuts or leaves
+        out (the method's `long_rows`) counted, told with file:line and handled by `on_bad_rows`.
+
+        Returns:
+            `dataset`, without the rows that keep no completion token under `on_bad_rows: drop`.
+        """
+        from alignment.data import check_truncation
+
+        fn = STAGES.get(self.spec.method)
+        return check_truncation(dataset, tokenizer, max_length, self.recipe.data, self.spec.data, fn.formats,
+                                on_bad_rows=self.recipe.on_bad_rows, report=self.data_report, long_rows=fn.long_rows)
 
     # ------------------------------------------------------------ online RL (grpo, rloo, online_dpo, ppo)
 

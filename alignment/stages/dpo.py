@@ -17,16 +17,19 @@ def _config():
     return DPOConfig
 
 
-@stage("dpo", config=_config, formats=("preference",), defaults=trainer_defaults)
+@stage("dpo", config=_config, formats=("preference",), defaults=trainer_defaults,
+       long_rows="truncates")
 def run(ctx: StageContext) -> StageResult:
     from trl import DPOConfig, DPOTrainer
 
     tokenizer = ctx.tokenizer()
+    args = ctx.trl_config(DPOConfig)
+    train = ctx.check_lengths(ctx.dataset(), tokenizer, args.max_length)  # TRL cuts long rows without a word
     trainer = DPOTrainer(
         model=ctx.load_model(),
         ref_model=None,  # adapter: disabled-adapter reference; full: TRL copies the start model
-        args=ctx.trl_config(DPOConfig),
-        train_dataset=ctx.dataset(),
+        args=args,
+        train_dataset=train,
         processing_class=tokenizer,
         peft_config=ctx.peft_config(),
         callbacks=ctx.callbacks(),

@@ -17,16 +17,19 @@ def _config():
     return KTOConfig
 
 
-@stage("kto", config=_config, formats=("unpaired",), defaults=trainer_defaults)
+@stage("kto", config=_config, formats=("unpaired",), defaults=trainer_defaults,
+       long_rows="truncates")
 def run(ctx: StageContext) -> StageResult:
     from trl import KTOConfig, KTOTrainer
 
     tokenizer = ctx.tokenizer()
+    args = ctx.trl_config(KTOConfig)
+    train = ctx.check_lengths(ctx.dataset(), tokenizer, args.max_length)  # TRL cuts long rows without a word
     trainer = KTOTrainer(
         model=ctx.load_model(),
         ref_model=None,
-        args=ctx.trl_config(KTOConfig),
-        train_dataset=ctx.dataset(),
+        args=args,
+        train_dataset=train,
         processing_class=tokenizer,
         peft_config=ctx.peft_config(),
         callbacks=ctx.callbacks(),

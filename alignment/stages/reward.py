@@ -17,17 +17,20 @@ def _config():
     return RewardConfig
 
 
-@stage("reward", config=_config, formats=("preference",), defaults=trainer_defaults)
+@stage("reward", config=_config, formats=("preference",), defaults=trainer_defaults,
+       long_rows="drops")
 def run(ctx: StageContext) -> StageResult:
     from trl import RewardConfig, RewardTrainer
 
     tokenizer = ctx.tokenizer()
+    args = ctx.trl_config(RewardConfig)
+    train = ctx.check_lengths(ctx.dataset(), tokenizer, args.max_length)  # TRL drops long rows without a word
     model = ctx.load_model(head="sequence_classification")
     model.config.pad_token_id = tokenizer.pad_token_id
     trainer = RewardTrainer(
         model=model,
-        args=ctx.trl_config(RewardConfig),
-        train_dataset=ctx.dataset(),
+        args=args,
+        train_dataset=train,
         processing_class=tokenizer,
         peft_config=ctx.peft_config(task_type="SEQ_CLS"),
         callbacks=ctx.callbacks(),

@@ -20,18 +20,15 @@ def _defaults(recipe, name):
     return {**trainer_defaults(recipe, name), "max_length": 1024}  # tokens per example; longer ones are cut
 
 
-@stage("sft", config=_config, formats=("messages", "prompt_completion", "text"), defaults=_defaults)
+@stage("sft", config=_config, formats=("messages", "prompt_completion", "text"), defaults=_defaults,
+       long_rows="truncates")
 def run(ctx: StageContext) -> StageResult:
     from trl import SFTConfig, SFTTrainer
 
-    from alignment.data import check_truncation
-
     tokenizer = ctx.tokenizer()
-    train = ctx.dataset()
     args = ctx.trl_config(SFTConfig)
     # TRL truncates and then silently drops the rows left without a completion token: count and say so
-    train = check_truncation(train, tokenizer, args.max_length, ctx.recipe.data, ctx.spec.data, run.formats,
-                             on_bad_rows=ctx.recipe.on_bad_rows, report=ctx.data_report)
+    train = ctx.check_lengths(ctx.dataset(), tokenizer, args.max_length)
     trainer = SFTTrainer(
         model=ctx.load_model(),
         args=args,

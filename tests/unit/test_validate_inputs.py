@@ -159,3 +159,31 @@ def test_the_stage_after_validate_in_one_process_reuses_its_tokenizer_and_counte
     assert tokenized == [2] and report.counts == {"sft": {"truncated_partly": 1}}  # the same count, not tokenized again
     data.count_truncated(tokenizer, 50, rec.data, [DataRef(name="sft")], ("prompt_completion",))
     assert tokenized == [2, 2]  # the stage is done with it: not kept while it trains
+
+
+@pytest.mark.parametrize("method, data, kind", [
+    ("dpo", {"prompt": "x" * 40, "chosen": "y" * 40, "rejected": "z" * 40}, "truncated_partly"),
+    ("kto", {"prompt": "x" * 40, "completion": "y" * 40, "label": True}, "truncated_partly"),
+    ("reward", {"prompt": "x" * 40, "chosen": "y" * 40, "rejected": "z" * 40}, "too_long"),
+])
+def test_rows_every_methods_max_length_cuts_or_drops_are_counted_at_validate(tmp_path, tiny_model_path, method, data, kind):
+    """TRL's DPO and KTO cut rows longer than `max_length` (DPO drops those whose prompt fills it), its
+    RewardTrainer leaves them out: validate counts them per dataset with file:line, as for SFT; when no row would
+    keep its completion, it refuses the recipe."""
+    short = {**data, **{k: v[:2] if isinstance(v, str) else v for k, v in data.items()}}
+    write_jsonl(tmp_path / "d.jsonl", [short, data])
+    stages = {"s": {"method": method, "data": ["d"], "args": {"max_length": 50}}}
+    recipe = write_recipe(tmp_path, tiny_model_path, stages, data={"d": {"path": "d.jsonl"}})
+    lines = check_inputs(load_recipe(recipe), recipe).lines()
+    assert len(lines) == 1 and lines[0].startswith(f"dataset 'd': 1 row(s) {kind} -- ")
+    assert f"e.g. {tmp_path / 'd.jsonl'}:2: 81 tokens > max_length 50" in lines[0]
+    stages["s"]["args"]["max_length"] = 2  # every prompt ("xx" at least) fills it
+    recipe = write_recipe(tmp_path, tiny_model_path, stages, data={"d": {"path": "d.jsonl"}})
+    assert "max_length 2: every row loses its whole completion" in inputs_error(recipe, DataError)
+
+
+def test_max_length_zero_is_not_taken_for_no_limit(tmp_path, tiny_model_path):
+    write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "1+1=", "completion": "2"}])
+    stages = {"sft": {"method": "sft", "data": ["sft"], "args": {"max_length": 0}}}
+    recipe = write_recipe(tmp_path, tiny_model_path, stages, data={"sft": {"path": "sft.jsonl"}})
+    assert "max_length 0: every row loses its whole completion" in inputs_error(recipe, DataError)
