@@ -389,8 +389,8 @@ def check_inputs(recipe: Recipe, path: str | Path, *, offline: bool = False):
                 problems.append(Problem(("data", ref.name, "path"), str(err)))  # not found: the recipe's line
                 continue
             check(data, fn.formats, on_bad_rows=recipe.on_bad_rows, report=into)
-            for r in st.rewards:  # TRL-style column parameters, `fn(prompts, completions, answer, **kw)`
-                absent = [c for c in build_reward(r.model_dump()).columns if c not in data.rows[0]]
+            for r in st.rewards:  # a `column:` (math_accuracy's gold) or TRL-style `fn(prompts, completions, answer, **kw)`
+                absent = [c for c in build_reward(r.model_dump()).reads if c not in data.rows[0]]
                 if absent:
                     raise DataError(f"{data.where(0)}: reward '{r.name}' of stage '{name}' reads column(s) {absent}, "
                                     f"which dataset '{ref.name}' does not have (columns: {sorted(data.rows[0])})")

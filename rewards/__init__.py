@@ -75,6 +75,7 @@ class BoundReward:
         self.fn = fn
         self.params = dict(params)
         self.columns = tuple(columns)  # named parameters filled from the dataset column of that name
+        self.reads = self.columns + _gold_column(fn, self.params)  # every dataset column it reads (validate checks)
         self.missing = 0  # scores turned into None since the last `missing_metrics`
         self.window = [0, 0]  # [scores asked, scores lost] since the last `lost_everything`
         self._reported: set[str] = set()
@@ -301,6 +302,17 @@ def _user_frame(e: BaseException) -> str:
     """'file:line: ' of the innermost frame outside importlib, where the module failed."""
     frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith("<frozen")]
     return f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
+
+
+def _gold_column(fn: RewardFn, params: Mapping[str, Any]) -> tuple[str, ...]:
+    """The dataset column a reward names with a `column` parameter (math_accuracy, code_exec: the gold answers or
+    tests), as the recipe sets it or by its default; () for a reward without one."""
+    try:
+        param = inspect.signature(fn).parameters.get("column")
+    except (TypeError, ValueError):
+        return ()
+    value = params.get("column", param.default if param is not None else None)
+    return (value,) if isinstance(value, str) else ()
 
 
 def _check_params(name: str, fn: RewardFn, params: Mapping[str, Any]) -> list[str]:

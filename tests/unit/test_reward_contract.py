@@ -192,6 +192,20 @@ def test_a_column_parameter_the_data_lacks_is_refused_at_validate(tmp_path, rewa
     assert "prompts.jsonl:1: reward 'my_rewards.exact' of stage 'grpo' reads column(s) ['solution']" in result.output
 
 
+@pytest.mark.parametrize("spec, column", [({"name": "math_accuracy"}, "answer"),
+                                          ({"name": "math_accuracy", "column": "gold"}, "gold"),
+                                          ({"name": "code_exec"}, "tests")])
+def test_a_builtin_rewards_gold_column_the_data_lacks_is_refused_at_validate(tmp_path, tiny_model_path, spec, column):
+    """math_accuracy / code_exec read their gold from the column `column:` names; data without it would score
+    None for every completion, and the stage stop after `max_missing_reward_steps`, after the model loaded."""
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 2+2?", "solution": "4"}])
+    recipe = write_recipe(tmp_path, tiny_model_path, {"grpo": {"method": "grpo", "data": ["prompts"], "rewards": [spec]}},
+                          data={"prompts": {"path": "prompts.jsonl"}})
+    result = validate(recipe, tmp_path)
+    assert result.exit_code == 2, result.output
+    assert f"prompts.jsonl:1: reward '{spec['name']}' of stage 'grpo' reads column(s) ['{column}']" in result.output
+
+
 @pytest.mark.parametrize("module, line, says", [
     ("def exact(prompts, completions, **kw)\n    return [0.0]\n", 1, "syntax error in module 'broken_rewards'"),
     ("import math\nSCALE = 1 / 0\n", 2, "raised ZeroDivisionError: division by zero"),
