@@ -402,7 +402,7 @@ def check_inputs(recipe: Recipe, path: str | Path, *, offline: bool = False):
                     f"prompt and completion rows")))
     problems += _check_eval_data(recipe, loaded, offline=offline)
     if not problems and folder:
-        _check_lengths(recipe, folder, report)
+        problems += _check_lengths(recipe, folder, report)
     if problems:
         _, lines = parse_recipe(path)
         for p in problems:
@@ -508,24 +508,30 @@ def _check_eval_data(recipe: Recipe, loaded: dict, *, offline: bool = False) -> 
     return problems
 
 
-def _check_lengths(recipe: Recipe, folder: Path, report) -> None:
+def _check_lengths(recipe: Recipe, folder: Path, report) -> list[Problem]:
     """Rows the `max_length` of each stage whose trainer cuts or leaves out long rows (its method's `long_rows`)
     affects -- the recipe's value, else the config's default -- counted with the tokenizer alone
-    (`count_truncated`)."""
-    from alignment.data import count_truncated
+    (`count_truncated`); what it refuses (no row keeps its completion; any row affected under `on_bad_rows: error`)
+    is a problem of the stage's `args.max_length`."""
+    from alignment.data import DataError, count_truncated
     from alignment.models import keep_tokenizer, load_tokenizer
     from alignment.stages import effective_args
 
-    tokenizer = None
+    tokenizer, problems = None, []
     for name, st in recipe.stages.items():
         fn = STAGES.get(st.method)
         if not fn.long_rows:
             continue
         default = {f.name: f.default for f in dataclasses.fields(fn.config_class())}.get("max_length")
         max_length = effective_args(recipe, name).get("max_length", default)
-        if max_length is not None:
-            tokenizer = tokenizer or load_tokenizer(str(folder), trust_remote_code=recipe.model.trust_remote_code)
+        if max_length is None:
+            continue
+        tokenizer = tokenizer or load_tokenizer(str(folder), trust_remote_code=recipe.model.trust_remote_code)
+        try:
             count_truncated(tokenizer, max_length, recipe.data, st.data, fn.formats, on_bad_rows=recipe.on_bad_rows,
                             report=report, long_rows=fn.long_rows)
+        except DataError as err:
+            problems.append(Problem(("stages", name, "args", "max_length"), str(err)))
     if tokenizer is not None:  # for the stage that `alignkit run` starts in this process (spans counted included)
         keep_tokenizer(tokenizer, str(folder), trust_remote_code=recipe.model.trust_remote_code)
+    return problems

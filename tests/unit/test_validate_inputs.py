@@ -125,7 +125,8 @@ def test_sft_rows_max_length_cuts_are_counted_at_validate(tmp_path, tiny_model_p
                      f"lost); e.g. {tmp_path / 'sft.jsonl'}:2: 81 tokens > max_length 50"]  # 80 characters + EOS
     stages["sft"]["args"]["max_length"] = 3  # every completion cut away: nothing would train
     recipe = write_recipe(tmp_path, tiny_model_path, stages, data={"sft": {"path": "sft.jsonl"}})
-    assert "max_length 3: every row loses its whole completion" in inputs_error(recipe, DataError)
+    msg = inputs_error(recipe)  # the recipe's key and line, then the rows
+    assert f"{recipe}:" in msg and "stages.sft.args.max_length: max_length 3: every row loses its whole completion" in msg
 
 
 def test_a_misspelt_top_level_key_is_one_problem_with_its_line(tmp_path):
@@ -179,11 +180,11 @@ def test_rows_every_methods_max_length_cuts_or_drops_are_counted_at_validate(tmp
     assert f"e.g. {tmp_path / 'd.jsonl'}:2: 81 tokens > max_length 50" in lines[0]
     stages["s"]["args"]["max_length"] = 2  # every prompt ("xx" at least) fills it
     recipe = write_recipe(tmp_path, tiny_model_path, stages, data={"d": {"path": "d.jsonl"}})
-    assert "max_length 2: every row loses its whole completion" in inputs_error(recipe, DataError)
+    assert "stages.s.args.max_length: max_length 2: every row loses its whole completion" in inputs_error(recipe)
 
 
 def test_max_length_zero_is_not_taken_for_no_limit(tmp_path, tiny_model_path):
     write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "1+1=", "completion": "2"}])
     stages = {"sft": {"method": "sft", "data": ["sft"], "args": {"max_length": 0}}}
     recipe = write_recipe(tmp_path, tiny_model_path, stages, data={"sft": {"path": "sft.jsonl"}})
-    assert "max_length 0: every row loses its whole completion" in inputs_error(recipe, DataError)
+    assert "stages.sft.args.max_length: max_length 0: every row loses its whole completion" in inputs_error(recipe)
