@@ -377,8 +377,11 @@ class Pipeline:
         if code != 0 or result is None or not rundir.model_dir(st.name).is_dir():
             manifest.update(status="failed", exit_code=code, seconds=seconds)
             rundir.write_manifest(st.name, manifest)
-            raise StageFailed(f"stage '{st.name}' failed (exit code {code}) after {seconds}s; see the output above. "
-                              f"`alignkit run` again resumes it from its last checkpoint")
+            saved = rundir.checkpoints(st.name)
+            again = (f"`alignkit run` again resumes it from {saved[-1].name}" if saved else
+                     "it saved no checkpoint: `alignkit run` again starts it over (if the error above is about the "
+                     "recipe or the data, fix that first)")
+            raise StageFailed(f"stage '{st.name}' failed (exit code {code}) after {seconds}s; see the output above. {again}")
         manifest.update(status="done", seconds=seconds, warm_start=self.warm_started.get(st.name, False),
                         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
                         metrics=result["metrics"], info=result["info"], trainer_config=result["trainer_config"],

@@ -49,6 +49,10 @@ def test_a_killed_stage_reruns_to_one_complete_artifact(tmp_path, tiny_model_pat
     runs, run_dir = tmp_path / "runs", RunDir(tmp_path / "runs" / "t")
     killed = run_cli(recipe, "--run-dir", runs, env=FAULTS[fault])
     assert killed.exit_code == 1 and "exit code -9" in killed.output, killed.output
+    # the advice names what a rerun will do: resume from the checkpoint there is, or start over (none yet)
+    saved = run_dir.checkpoints(method)
+    assert (f"resumes it from {saved[-1].name}" if saved else "it saved no checkpoint: `alignkit run` again starts "
+            "it over") in " ".join(killed.output.split()), killed.output
     assert manifest(run_dir.path, method)["status"] == "failed" and not run_dir.done(method)
     assert not run_dir.model_dir(method).exists()  # a cut-off artifact is never taken as done
     capfd.readouterr()
