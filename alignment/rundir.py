@@ -123,8 +123,12 @@ def _finish_artifact(tmp: Path, out: Path, *, kind: str, base: Optional[str], he
     adapter_config = tmp / "adapter_config.json"
     if adapter_config.exists():
         config = json.loads(adapter_config.read_text())
-        config["base_model_name_or_path"] = portable_path(config.get("base_model_name_or_path"), out, root=root)
+        written = config.get("base_model_name_or_path")
+        config["base_model_name_or_path"] = portable_path(written, out, root=root)
         adapter_config.write_text(json.dumps(config, indent=2))
+        card = tmp / "README.md"  # peft's model card names the base too (`base_model: ...`)
+        if written and card.exists():
+            card.write_text(card.read_text().replace(written, config["base_model_name_or_path"]))
     meta = {"kind": kind, "base": portable_path(base, out, root=root), "head": head}
     (tmp / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1))
     shutil.rmtree(out, ignore_errors=True)
