@@ -4,8 +4,9 @@ The orchestrator (pipeline.py) starts it plainly, or once per rank under `torch.
 `accelerate launch`; it reads the resolved recipe from the run directory, runs the registered method
 and, on the main process (global rank 0), writes STAGE/result.json. The manifest stays the
 orchestrator's to write.
-A stage that refuses its recipe or data (`DataError`, `RecipeError`, `StageInputError`) prints one line, writes
-STAGE/error.json and exits 2: the orchestrator then fails the run with exit 2 and no advice to rerun.
+A stage that refuses its recipe, data or rewards (`DataError`, `RecipeError`, `StageInputError`, `RewardError`)
+prints one line, writes STAGE/error.json and exits 2: the orchestrator then fails the run with exit 2 and no advice
+to rerun.
 """
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.stages import StageInputError
     from alignment.stages import STAGES, StageContext, load_stages
 
-    INPUT_ERRORS = (DataError, RecipeError, StageInputError)
+    from rewards import RewardError
+
+    INPUT_ERRORS = (DataError, RecipeError, StageInputError, RewardError)
     transformers.logging.set_verbosity_warning()
     recipe = RunDir(run_dir).read_recipe()
     load_stages()

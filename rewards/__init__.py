@@ -59,6 +59,12 @@ _SPEC_KEYS = ("name", "weight")
 _DEFAULT_WEIGHT = 1.0
 
 
+class RewardError(ValueError):
+    """A reward broke its contract in a way no score can stand for: it returned the wrong number of scores or not a
+    list, or a dataset column shadows one of its recipe parameters. The stage stops (exit 2) naming the reward;
+    a rerun would stop the same way."""
+
+
 class BoundReward:
     """A reward function with its recipe parameters bound, named after the recipe's `name`.
 
@@ -84,7 +90,7 @@ class BoundReward:
         # A dataset column named like a recipe parameter would silently replace it; refuse instead.
         clash = sorted(self.params.keys() & columns.keys())
         if clash:
-            raise ValueError(
+            raise RewardError(
                 f"reward '{self.__name__}': dataset column(s) {clash} have the names of parameters set in its "
                 f"recipe entry; rename the column(s) or remove the parameter(s) from the entry"
             )
@@ -101,10 +107,10 @@ class BoundReward:
             self._lose(n, "raised", f"{type(e).__name__}: {e}")
             return [None] * n
         if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__len__"):
-            raise ValueError(f"reward '{self.__name__}' returned {type(values).__name__}; expected a list of "
+            raise RewardError(f"reward '{self.__name__}' returned {type(values).__name__}; expected a list of "
                              f"one score per completion")
         if len(values) != n:
-            raise ValueError(f"reward '{self.__name__}' returned {len(values)} scores for {n} completions")
+            raise RewardError(f"reward '{self.__name__}' returned {len(values)} scores for {n} completions")
         return [self._score(v, i) for i, v in enumerate(values)]
 
     def _score(self, value, index: int) -> float | None:
@@ -218,7 +224,8 @@ def score(funcs: Sequence[RewardFn], weights: Sequence[float], prompts: list, co
             non-number or raised score as None (counted in `missing_metrics`).
 
     Raises:
-        ValueError: lengths disagree, or a reward returned the wrong number of scores.
+        ValueError: lengths disagree.
+        RewardError: a reward returned the wrong number of scores, or not a list.
     """
     if len(funcs) != len(weights):
         raise ValueError(f"{len(funcs)} reward functions but {len(weights)} weights")
