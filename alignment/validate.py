@@ -319,12 +319,62 @@ def _build_config(recipe: Recipe, name: str, config_class, path: tuple) -> list[
     if problems:
         return problems
     try:
-        config_class(**trainer_kwargs(recipe, name, Path("unused")))
+        config = config_class(**trainer_kwargs(recipe, name, Path("unused")))
     except Exception as err:  # the trainer's own refusal, in its words
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         named = [k for k in args if re.search(rf"\b{re.escape(k)}\b", message)]
         return [Problem(path + ((named[0],) if named else ()), f"{config_class.__name__} refuses these args: {message}")]
-    return []
+    adapter = recipe.stage_model(name).adapter is not None
+    return [Problem(path + (rule.key,), f"{config_class.__name__}: {rule.message}") for rule in TRAINER_RULES
+            if config_class.__name__ in rule.configs and rule.refuses(config, adapter)]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerRule:
+    """A check TRL 1.16's trainer makes in its constructor -- after the model has loaded -- on its config and on
+    whether the model has an adapter alone, so `validate` makes it first."""
+
+    configs: tuple[str, ...]  # config class names it applies to
+    key: str  # the argument the problem is placed at
+    refuses: Callable[[Any, bool], bool]  # (config, adapter?) -> refused
+    message: str
+
+
+def _loss_types(config) -> list[str]:
+    return config.loss_type if isinstance(config.loss_type, list) else [config.loss_type]
+
+
+F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+TRAINER_RULES = (
+    TrainerRule(("DPOConfig", "KTOConfig", "GRPOConfig", "RLOOConfig"), "sync_ref_model",
+                lambda c, adapter: c.sync_ref_model and adapter,
+                "sync_ref_model needs a reference model of its own, and with an adapter the reference is the model "
+                "with the adapter disabled; remove sync_ref_model or the adapter"),
+    TrainerRule(("DPOConfig", "KTOConfig"), "sync_ref_model",
+                lambda c, adapter: c.sync_ref_model and c.precompute_ref_log_probs,
+                "sync_ref_model updates the reference, so its log-probs cannot be precomputed; remove one of "
+                "sync_ref_model and precompute_ref_log_probs"),
+    TrainerRule(("GRPOConfig", "RLOOConfig"), "sync_ref_model", lambda c, adapter: c.sync_ref_model and c.beta == 0,
+                "sync_ref_model with beta 0: there is no reference model to sync; remove it or set beta > 0"),
+    TrainerRule(("DPOConfig",), "loss_type",
+                lambda c, adapter: "exo_pair" in _loss_types(c) and c.label_smoothing == 0,
+                "loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)"),
+    TrainerRule(("DPOConfig",), "f_divergence_type",
+                lambda c, adapter: c.f_divergence_type != "reverse_kl" and not set(_loss_types(c)) <= F_DIVERGENCE_LOSSES,
+                f"an f_divergence_type other than reverse_kl works only with loss_type "
+                f"{', '.join(sorted(F_DIVERGENCE_LOSSES))}"),
+    TrainerRule(("DPOConfig",), "use_weighting",
+                lambda c, adapter: c.use_weighting and bool({"aot", "aot_unpaired"} & set(_loss_types(c))),
+                "use_weighting is not implemented for loss_type aot / aot_unpaired"),
+    TrainerRule(("KTOConfig",), "per_device_train_batch_size",
+                lambda c, adapter: c.loss_type == "kto" and c.per_device_train_batch_size <= 1,
+                "loss_type kto needs per_device_train_batch_size > 1 (its KL term pairs each row with another "
+                "of its batch)"),
+    TrainerRule(("KTOConfig",), "train_sampling_strategy",
+                lambda c, adapter: c.loss_type == "kto" and c.train_sampling_strategy != "sequential",
+                "loss_type kto needs train_sampling_strategy sequential (its KL term pairs each row with its "
+                "neighbour in a fixed-order batch)"),
+)
 
 
 def _check_plugins(recipe: Recipe) -> list[Problem]:

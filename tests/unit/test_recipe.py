@@ -323,3 +323,24 @@ def test_every_documented_loss_type_is_accepted(tmp_path):
             if value in ("luspo", "vespo"):
                 continue  # these need importance_sampling_level set to match
             load_recipe(write(tmp_path, GOOD + f"  x:\n    method: {method}\n    data: [sft]\n{rewards}    args: {{loss_type: {value}}}\n"))
+
+
+@pytest.mark.parametrize("method, args, key, says", [
+    ("dpo", "sync_ref_model: true", "sync_ref_model", "with an adapter the reference is the model with the adapter"),
+    ("kto", "{sync_ref_model: true, precompute_ref_log_probs: true}", "sync_ref_model", "cannot be precomputed"),
+    ("grpo", "{sync_ref_model: true, beta: 0.0}", "sync_ref_model", "with beta 0: there is no reference model"),
+    ("dpo", "loss_type: exo_pair", "loss_type", "exo_pair needs label_smoothing > 0"),
+    ("dpo", "{loss_type: apo_zero, f_divergence_type: js_divergence}", "f_divergence_type", "works only with loss_type"),
+    ("dpo", "{loss_type: aot, use_weighting: true}", "use_weighting", "not implemented for loss_type aot"),
+    ("kto", "per_device_train_batch_size: 1", "per_device_train_batch_size", "needs per_device_train_batch_size > 1"),
+    ("kto", "train_sampling_strategy: random", "train_sampling_strategy", "needs train_sampling_strategy sequential"),
+])
+def test_what_a_trainer_refuses_in_its_constructor_is_refused_at_validate(tmp_path, method, args, key, says):
+    """TRL's trainers check these in their constructors, on the config (and whether there is an adapter) alone --
+    after the model loaded, as a traceback and advice to rerun; validate names the key and line first."""
+    args = args if args.startswith("{") else "{" + args + "}"
+    rewards = "    rewards: [{name: math_accuracy}]\n" if method == "grpo" else ""
+    text = GOOD + f"  x:\n    method: {method}\n    from: sft\n    data: [sft]\n{rewards}    args: {args}\n"
+    msg = error_of(write(tmp_path, text))
+    line = text.splitlines().index(f"    args: {args}") + 1
+    assert f"r.yaml:{line}: stages.x.args.{key}: " in msg and says in msg, msg
