@@ -11,9 +11,12 @@ from __future__ import annotations
 import gc
 import inspect
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, get_args
+
+import pydantic
 
 from alignment.recipe import Backend
 from alignment.registry import Registry, did_you_mean
@@ -103,11 +106,12 @@ def task_params(fn: EvalTask) -> dict[str, inspect.Parameter]:
 
 
 def check_task_args(name: str, args: dict, *, has_data: bool) -> list[str]:
-    """Problems with one eval entry: unknown task, unknown / missing args, no dataset. [] = fine."""
+    """Problems with one eval entry: unknown task, unknown / missing args, an arg its type refuses, no dataset.
+    [] = fine. A number YAML 1.1 reads as a string (`temperature: 1e-1`) becomes the number, in `args`."""
     if name not in TASKS:
         return [f"unknown eval task '{name}'{did_you_mean(name, TASKS.names())}; known: {', '.join(TASKS.names())}"]
     fn = TASKS.get(name)
-    params = task_params(fn)
+    params, hints = task_params(fn), typing.get_type_hints(fn)
     problems = []
     for key, value in args.items():
         if key in CONTEXT_ARGS:
@@ -119,6 +123,14 @@ def check_task_args(name: str, args: dict, *, has_data: bool) -> list[str]:
         elif key not in params:
             valid = list(params) + list(CONTEXT_ARGS)
             problems.append(f"eval '{name}' has no argument '{key}'{did_you_mean(key, valid)}; its arguments: {', '.join(valid)}")
+        elif key in hints:
+            try:
+                typed = pydantic.TypeAdapter(hints[key]).validate_python(value)  # lax: "1e-1" -> 0.1
+            except pydantic.ValidationError as err:
+                problems.append(f"eval '{name}': {key}: {err.errors()[0]['msg'].lower()} (got {value!r})")
+            else:
+                if isinstance(value, str):
+                    args[key] = typed
     for key, p in params.items():
         if p.default is inspect.Parameter.empty and key not in args:
             problems.append(f"eval '{name}' needs argument '{key}' (add `{key}: ...` under its args)")

@@ -344,3 +344,15 @@ def test_what_a_trainer_refuses_in_its_constructor_is_refused_at_validate(tmp_pa
     msg = error_of(write(tmp_path, text))
     line = text.splitlines().index(f"    args: {args}") + 1
     assert f"r.yaml:{line}: stages.x.args.{key}: " in msg and says in msg, msg
+
+
+def test_eval_args_are_typed_as_the_task_takes_them(tmp_path):
+    """YAML 1.1 reads `temperature: 1e-1` as a string: an eval arg is the number the user meant (it reached the
+    task as text, after training); a value the task's type refuses is an error with the eval's line."""
+    evals = "evals:\n  - {task: accuracy, data: sft, args: {temperature: 1e-1, num_samples: 4, k: [1, 2]}}\n"
+    recipe = load_recipe(write(tmp_path, GOOD + evals))
+    assert recipe.evals[0].args == {"temperature": 0.1, "num_samples": 4, "k": [1, 2]}
+    assert isinstance(recipe.evals[0].args["temperature"], float)
+    p = write(tmp_path, GOOD + evals.replace("temperature: 1e-1", "temperature: warm"))
+    msg = error_of(p)
+    assert f"{p}:19: evals.0.args: eval 'accuracy': temperature: input should be a valid number" in msg and "'warm'" in msg
