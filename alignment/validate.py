@@ -290,8 +290,18 @@ def _scalar_type(hint):
     return hint if args and all(a in SCALARS for a in args) else None
 
 
+def _list_type(hint):
+    """The `list[X]` (X a scalar) that `hint` is or has among its union members (DPOConfig.loss_weights:
+    `list[float] | None`), for checking a list value; else None."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    for member in typing.get_args(hint) if union else [hint]:
+        if typing.get_origin(member) is list and all(a in SCALARS for a in typing.get_args(member)):
+            return member
+    return None
+
+
 def _build_config(recipe: Recipe, name: str, config_class, path: tuple) -> list[Problem]:
-    """A TRL stage's `args` as its trainer will take them: each number-, int- or bool-typed value checked and
+    """A TRL stage's `args` as its trainer will take them: each number-, int- or bool-typed value (or list of them) checked and
     converted in pydantic's lax mode (YAML 1.1 reads `1e-3` as a string: it becomes the number the user meant,
     written back into the recipe), then the config object built as `StageContext.trl_config` builds it, so its own
     checks (batch geometry, generation counts, incompatible flags) fail here with the recipe's key and line."""
@@ -305,7 +315,7 @@ def _build_config(recipe: Recipe, name: str, config_class, path: tuple) -> list[
     args, problems = recipe.stages[name].args, []
     hints = typing.get_type_hints(config_class)
     for key, value in args.items():
-        kind = _scalar_type(hints.get(key))
+        kind = _scalar_type(hints.get(key)) or (_list_type(hints.get(key)) if isinstance(value, list) else None)
         if kind is None or (key, value) == ("bf16", "auto"):  # `effective_args` resolves bf16: auto
             continue
         try:
@@ -313,7 +323,7 @@ def _build_config(recipe: Recipe, name: str, config_class, path: tuple) -> list[
         except pydantic.ValidationError as err:
             problems.append(Problem(path + (key,), f"{err.errors()[0]['msg'].lower()} for {config_class.__name__}.{key} (got {value!r})"))
             continue
-        if isinstance(value, str):
+        if isinstance(value, str) or (isinstance(value, list) and any(isinstance(v, str) for v in value)):
             args[key] = converted
     problems += _choice_problems(config_class, args, path)
     if problems:

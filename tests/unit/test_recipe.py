@@ -357,3 +357,13 @@ def test_eval_args_are_typed_as_the_task_takes_them(tmp_path):
     p = write(tmp_path, GOOD + evals.replace("temperature: 1e-1", "temperature: warm"))
     msg = error_of(p)
     assert f"{p}:19: evals.0.args: eval 'accuracy': temperature: input should be a valid number" in msg and "'warm'" in msg
+
+
+def test_lists_of_numbers_in_trl_args_are_typed_too(tmp_path):
+    """DPOConfig.loss_weights is `list[float]`: `[1e0, 5e-1]` (YAML 1.1 strings) are the numbers meant (the loss
+    multiplied a tensor by a string at the first step); a word there is refused with the key and line."""
+    dpo = GOOD.replace("args: {beta: 0.1}", "args: {beta: 0.1, loss_type: [sigmoid, sft], loss_weights: [1e0, 5e-1]}")
+    recipe = load_recipe(write(tmp_path, dpo))
+    assert recipe.stages["dpo"].args["loss_weights"] == [1.0, 0.5]
+    msg = error_of(write(tmp_path, dpo.replace("5e-1", "heavy")))
+    assert "r.yaml:17: stages.dpo.args.loss_weights: input should be a valid number" in msg and "'heavy'" in msg
