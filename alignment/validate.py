@@ -252,6 +252,15 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
                                  "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"),
     ("GRPOConfig", "loss_type"): ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
 }
+# Trainer arguments of a generating method (grpo, rloo, online_dpo) that its `rollout:` section sets (`rollout:` key):
+# set under `args` too, the trainer would score or size the samples with one value while alignkit's engine draws
+# them with another (e.g. log-probs at temperature 0.3 of completions sampled at 1.0).
+ROLLOUT_OWNED = {"num_generations": "num_generations", "max_completion_length": "max_new_tokens",
+                 "max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k"}
+# ... and TRL's own generation settings, which alignkit's engine (`rollout:`) replaces.
+TRL_GENERATION = ("use_vllm", "generation_kwargs", "use_transformers_paged", "cache_implementation", "min_p",
+                  "repetition_penalty")
+
 # TrainingArguments that need an eval set: alignkit hands its trainers none (held-out evals are the recipe's
 # `evals:`, run after the stage), so transformers' Trainer refuses them at construction, after the model loaded.
 NEEDS_EVAL_SET: dict[str, Callable[[Any], bool]] = {
@@ -260,6 +269,22 @@ NEEDS_EVAL_SET: dict[str, Callable[[Any], bool]] = {
     "load_best_model_at_end": bool,
     "metric_for_best_model": lambda v: v is not None,
 }
+
+
+def _generation_problems(args: dict, path: tuple) -> list[Problem]:
+    """A generating stage's `args` that `rollout:` owns (`ROLLOUT_OWNED`) or that are TRL's own generation
+    settings (`TRL_GENERATION`, `vllm_*`): alignkit's engine samples with `rollout:` alone."""
+    problems = []
+    for key in args:
+        if key in ROLLOUT_OWNED:
+            problems.append(Problem(path + (key,), f"set it under the stage's `rollout:` as `{ROLLOUT_OWNED[key]}:` "
+                                                   f"-- the engine samples with rollout's value, and the trainer would "
+                                                   f"use another"))
+        elif key in TRL_GENERATION or key.startswith("vllm_"):
+            problems.append(Problem(path + (key,), f"TRL's own generation setting; alignkit generates through the "
+                                                   f"stage's `rollout:` (backend, temperature, top_p, top_k, "
+                                                   f"max_new_tokens, ...): remove it"))
+    return problems
 
 
 def _choice_problems(config_class, args: dict, path: tuple) -> list[Problem]:
@@ -326,6 +351,8 @@ def _build_config(recipe: Recipe, name: str, config_class, path: tuple) -> list[
         if isinstance(value, str) or (isinstance(value, list) and any(isinstance(v, str) for v in value)):
             args[key] = converted
     problems += _choice_problems(config_class, args, path)
+    if STAGES.get(recipe.stages[name].method).generates:
+        problems += _generation_problems(args, path)
     if problems:
         return problems
     try:

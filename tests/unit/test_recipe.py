@@ -367,3 +367,19 @@ def test_lists_of_numbers_in_trl_args_are_typed_too(tmp_path):
     assert recipe.stages["dpo"].args["loss_weights"] == [1.0, 0.5]
     msg = error_of(write(tmp_path, dpo.replace("5e-1", "heavy")))
     assert "r.yaml:17: stages.dpo.args.loss_weights: input should be a valid number" in msg and "'heavy'" in msg
+
+
+@pytest.mark.parametrize("method, arg, says", [
+    ("grpo", "temperature: 0.3", "set it under the stage's `rollout:` as `temperature:`"),
+    ("rloo", "max_completion_length: 32", "set it under the stage's `rollout:` as `max_new_tokens:`"),
+    ("online_dpo", "top_p: 0.9", "set it under the stage's `rollout:` as `top_p:`"),
+    ("grpo", "use_vllm: true", "TRL's own generation setting"),
+    ("grpo", "generation_kwargs: {min_p: 0.1}", "TRL's own generation setting"),
+])
+def test_generation_settings_under_args_of_a_generating_stage_are_refused(tmp_path, method, arg, says):
+    """alignkit's engine samples with `rollout:`; the same setting under `args` reached only the trainer (GRPO's
+    log-probs at temperature 0.3 of completions sampled at 1.0), silently."""
+    text = GOOD + f"  x:\n    method: {method}\n    data: [sft]\n    rewards: [{{name: math_accuracy}}]\n    args: {{{arg}}}\n"
+    msg = error_of(write(tmp_path, text))
+    line = text.splitlines().index(f"    args: {{{arg}}}") + 1
+    assert f"r.yaml:{line}: stages.x.args.{arg.split(':')[0]}: {says}" in msg, msg
