@@ -619,6 +619,6 @@ def _check_lengths(recipe: Recipe, folder: Path, report) -> list[Problem]:
                             report=report, long_rows=fn.long_rows)
         except DataError as err:
             problems.append(Problem(("stages", name, "args", "max_length"), str(err)))
-    if tokenizer is not None:  # for the stage that `alignkit run` starts in this process (spans counted included)
+    if tokenizer is not None and not problems:  # for the stage `alignkit run` starts in this process (spans counted included)
         keep_tokenizer(tokenizer, str(folder), trust_remote_code=recipe.model.trust_remote_code)
     return problems
