@@ -1,6 +1,6 @@
 """A small SVG chart writer for the report: line panels and bar panels laid out as small multiples.
 
-No dependencies (the report used matplotlib, whose import and drawing cost ~2.2 s of CPU per run). It
+No dependencies (the report used matplotlib, whose import and drawing cost 1-3 s of CPU per report). It
 draws only what the report needs: lines (optionally faint, with markers), bars with value labels, a
 light grid, left and bottom spines, "nice" ticks (1/2/5 x 10^k) that cover the data, a legend placed
 in the emptiest corner, titles. Every text is XML-escaped; NaN and inf points are skipped.
