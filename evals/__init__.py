@@ -22,7 +22,7 @@ __all__ = ["TASKS", "EvalContext", "EvalResult", "EvalError", "task", "check_tas
 
 
 def write_report(run_dir):
-    """`evals.report.write_report` (imported on use: matplotlib is slow to import)."""
+    """`evals.report.write_report`, imported on use."""
     from evals.report import write_report as write
 
     return write(run_dir)

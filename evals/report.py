@@ -1,5 +1,6 @@
 """The run report: `runs/NAME/report/index.html` (one self-contained file from
-`templates/report.html.j2`: inline CSS, PNG plots as data URIs) and `report.md` with the PNGs beside it.
+`templates/report.html.j2`: inline CSS, SVG plots as data URIs) and `report.md` with the SVGs beside it.
+The plots are drawn by `evals/svg.py`.
 
 Sections: stages (manifests: status, time, final metrics), evals (base and each stage, deltas
 against base, a bar chart of each task's main metric), training curves per stage (from
@@ -20,6 +21,7 @@ from typing import Callable
 from alignment.metrics import PANELS, describe
 from alignment.recipe import BASE
 from alignment.rundir import RunDir
+from evals import svg
 from evals.table import PALETTE, EvalTable, build_eval_table, fmt
 
 SAMPLE_CHARS = 600  # longer completions are cut in the report (the JSON keeps them whole)
@@ -110,22 +112,6 @@ def _stage_order(text: str, raw: dict) -> list[str]:
 # ---------------------------------------------------------------- plots
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({
-        "font.family": "DejaVu Sans", "font.size": 9, "axes.titlesize": 10, "axes.titleweight": "bold",
-        "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.color": "#e5e7eb",
-        "grid.linewidth": 0.8, "axes.edgecolor": "#9ca3af", "axes.labelcolor": "#374151",
-        "xtick.color": "#6b7280", "ytick.color": "#6b7280", "legend.frameon": False, "legend.fontsize": 8,
-        "figure.dpi": 110, "savefig.bbox": "tight", "savefig.facecolor": "white",
-    })
-    return plt
-
-
 def curve_panels(rows: list[dict]) -> list[tuple[str, list[str]]]:
     """(panel title, keys) for the keys logged at two or more steps, each on the panel alignment/metrics.py
     declares for it (undeclared keys and those without a panel are not plotted), in `PANELS` order."""
@@ -150,68 +136,49 @@ def _ema(values: list[float], alpha: float) -> list[float]:
     return out
 
 
-def plot_curves(plt, stage: str, rows: list[dict], path: Path) -> bool:
-    """Small multiples of a stage's training curves; False when nothing was logged twice."""
-    panels = curve_panels(rows)
-    if not panels:
-        return False
-    cols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.1 * cols, 2.7 * nrows), squeeze=False)
-    for ax, (title, keys) in zip(axes.flat, panels):
+def _points(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of `key` where it was logged as a finite number (a row without `step`: its index)."""
+    pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows)
+           if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool) and math.isfinite(r[key])]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_curves(stage: str, rows: list[dict], path: Path) -> bool:
+    """Small multiples of a stage's training curves (`curve_panels`, up to 8 keys a panel) as an SVG at
+    `path`; False (nothing written) when nothing was logged twice."""
+    panels = []
+    for title, keys in curve_panels(rows):
+        series = []
         for j, key in enumerate(keys[:8]):
-            pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows)
-                   if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            xs, ys = _points(rows, key)
             color = PALETTE[j % len(PALETTE)]
             if len(ys) > 40:  # noisy: raw faint, smoothed bold
-                ax.plot(xs, ys, color=color, alpha=0.25, linewidth=1)
-                ax.plot(xs, _ema(ys, 0.15), color=color, linewidth=1.8, label=key)
+                series.append(svg.Series(key, xs, ys, color, width=1, opacity=0.25, legend=False))
+                series.append(svg.Series(key, xs, _ema(ys, 0.15), color))
             else:
-                ax.plot(xs, ys, color=color, linewidth=1.8, marker="o", markersize=2.5, label=key)
-        ax.set_title(title if len(keys) > 1 else keys[0], loc="left")  # one line: its key is the title
-        ax.set_xlabel("step")
-        if title == "learning rate":
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-        if len(keys) > 1:
-            ax.legend(loc="best")
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    fig.suptitle(stage, x=0.01, ha="left", fontsize=11, fontweight="bold", color="#111827")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+                series.append(svg.Series(key, xs, ys, color, markers=True))
+        sci = (-2, 3) if title == "learning rate" else svg.SCI_LIMITS  # 1e-5: scientific; 0.01: not
+        panels.append(svg.LinePanel(title if len(keys) > 1 else keys[0], series, xlabel="step", x_integer=True,
+                                    legend=len(keys) > 1, sci_limits=sci))  # one line: its key is the title
+    if not panels:
+        return False
+    _write(path, svg.figure(panels, cols=3, title=stage))
     return True
 
 
-def plot_evals(plt, table: EvalTable, path: Path) -> bool:
-    """One bar chart per eval task: its main metric on base and each stage."""
+def plot_evals(table: EvalTable, path: Path) -> bool:
+    """One bar chart per eval task (its main metric on base and each stage, in the table's stage colours)
+    as an SVG at `path`; False (nothing written) when no task has a main metric value."""
     tasks = [t for t in table.tasks if any(table.value(st, t, table.main[t]) is not None for st in table.stages)]
     if not tasks:
         return False
-    cols = min(3, len(tasks))
-    nrows = math.ceil(len(tasks) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(max(3.2, 0.9 * len(table.stages) + 1.4) * cols, 2.9 * nrows), squeeze=False)
-    for ax, t in zip(axes.flat, tasks):
-        metric = table.main[t]
-        values = [table.value(st, t, metric) for st in table.stages]
-        heights = [v if v is not None else 0.0 for v in values]
-        bars = ax.bar(table.stages, heights, color=[table.colors[st] for st in table.stages], width=0.62)
-        for bar, v in zip(bars, values):
-            label = fmt(v)
-            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 2),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=8, color="#374151")
-        ax.set_title(f"{t} · {metric}", loc="left")
-        ax.grid(axis="x", visible=False)
-        ax.margins(y=0.18)
-        if all(v is None or 0 <= v <= 1 for v in values) and any(v is not None for v in values):
-            ax.set_ylim(0, 1.12)
-        ax.tick_params(axis="x", labelrotation=20 if len(table.stages) > 4 else 0)
-    for ax in list(axes.flat)[len(tasks):]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    panels = []
+    for t in tasks:
+        values = [table.value(st, t, table.main[t]) for st in table.stages]
+        panels.append(svg.BarPanel(f"{t} · {table.main[t]}", list(table.stages), values, [fmt(v) for v in values],
+                                   [table.colors[st] for st in table.stages], rotate=len(table.stages) > 4))
+    width = max(320, 90 * len(table.stages) + 140)
+    _write(path, svg.figure(panels, cols=3, panel_width=width, panel_height=290))
     return True
 
 
@@ -276,7 +243,8 @@ def sample_numbers(cell: dict) -> list[tuple[str, float]]:
 
 
 def _data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    """The SVG at `path` as a data URI: the page stays one file, and an SVG shown through <img> runs no script."""
+    return "data:image/svg+xml;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def _cut(text, n: int = SAMPLE_CHARS) -> str:
@@ -366,7 +334,7 @@ def render_markdown(data: RunData, table: EvalTable, images: dict[str, Path]) ->
 
 
 def write_report(run_dir: Path | str) -> Path:
-    """Write `run_dir/report/index.html`, `report.md` and the PNGs; return the HTML's path.
+    """Write `run_dir/report/index.html`, `report.md` and the SVG plots; return the HTML's path.
 
     Raises:
         FileNotFoundError: `run_dir` has no recipe.yaml (not a run directory).
@@ -375,15 +343,14 @@ def write_report(run_dir: Path | str) -> Path:
     table = build_eval_table(data.evals, [BASE] + data.stages)
     out = RunDir(data.run_dir).report_dir
     out.mkdir(parents=True, exist_ok=True)
-    plt = _pyplot()
     images: dict[str, Path] = {}
-    for old in out.glob("*.png"):
+    for old in [*out.glob("*.svg"), *out.glob("*.png")]:  # *.png: an older report's plots (matplotlib)
         old.unlink()
-    if plot_evals(plt, table, out / "evals.png"):
-        images["evals"] = out / "evals.png"
+    if plot_evals(table, out / "evals.svg"):
+        images["evals"] = out / "evals.svg"
     for i, st in enumerate(data.stages):
-        path = out / f"curves-{i:02d}-{_safe(st)}.png"
-        if data.curves.get(st) and plot_curves(plt, st, data.curves[st], path):
+        path = out / f"curves-{i:02d}-{_safe(st)}.svg"
+        if data.curves.get(st) and plot_curves(st, data.curves[st], path):
             images[f"curves-{st}"] = path
     _write(out / "report.md", render_markdown(data, table, images))
     _write(out / "index.html", render_html(data, table, images))

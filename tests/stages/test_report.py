@@ -2,12 +2,14 @@
 table, and the report: files, sections, self-containment, and a headless-Chromium render."""
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
 import re
 import shutil
 import subprocess
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -168,15 +170,19 @@ def test_report_is_one_self_contained_file_with_every_section(run):
         assert section in page
     assert "class='evals'" in page and "class='samples'" in page and "pass@2" in page
     images = re.findall(r"<img[^>]+src='([^']+)'", page)
-    assert len(images) == 3 and all(src.startswith("data:image/png;base64,") for src in images)  # evals, sft, dpo
+    assert len(images) == 3 and all(src.startswith("data:image/svg+xml;base64,") for src in images)  # evals, sft, dpo
+    for src in images:
+        ET.fromstring(base64.b64decode(src.split(",", 1)[1]))  # a well-formed SVG
     urls = re.findall(r"(?:src|href)=['\"]([^'\"]*)['\"]", page)
     assert urls and all(u.startswith(("data:", "#")) for u in urls)  # no outside assets
     assert "<link" not in page and "<script" not in page
     assert "lm-eval is not installed" in page and "f-sft" in page and "1m 15s" in page
     md = (run_dir / "report" / "report.md").read_text()
     assert "## Evals" in md and "| accuracy | **accuracy** |" in md and "## Sample generations" in md
-    for png in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
-        assert (run_dir / "report" / png).read_bytes()[:4] == b"\x89PNG"
+    plots = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert plots == ["evals.svg", "curves-00-sft.svg", "curves-02-dpo.svg"]  # rm (index 1) logged no curves
+    for name in plots:
+        assert ET.parse(run_dir / "report" / name).getroot().tag == "{http://www.w3.org/2000/svg}svg"
 
 
 @pytest.fixture(scope="session")
@@ -202,7 +208,7 @@ def test_report_renders_in_headless_chromium(run, chromium, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout
     assert html.count("<table") >= 3 and "class=\"evals\"" in html and "class=\"samples\"" in html
-    assert html.count('src="data:image/png;base64,') == 3
+    assert html.count('src="data:image/svg+xml;base64,') == 3
     shot = tmp_path / "report.png"
     res = _chromium(chromium, tmp_path, f"--screenshot={shot}", "--window-size=1400,2400", "--hide-scrollbars", index.as_uri())
     assert res.returncode == 0 and shot.read_bytes()[:4] == b"\x89PNG"
