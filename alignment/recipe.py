@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import graphlib
+import re
 from pathlib import Path
-from typing import Any, Container, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Container, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alignment.registry import closest, did_you_mean
 
@@ -24,6 +25,19 @@ BASE = "base"  # the name of the starting model in `from:` and in eval stage lis
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Backend = Literal["auto", "hf", "vllm", "vllm-server"]  # rollout engines (alignment/rollout.py make_engine)
 Tracker = Literal["tensorboard", "trackio", "wandb", "mlflow"]  # experiment trackers (alignment/tracking.py TRACKERS)
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a run, stage or data set name: a folder / file name, nothing more
+
+
+def _name(value: str) -> str:
+    """A stage or data set name becomes a folder or file of the run directory and a word of the report: letters,
+    digits, `_`, `.`, `-`, starting with a letter or digit (no `/`, `..`, spaces or markup)."""
+    if not re.fullmatch(NAME_PATTERN, value):
+        raise ValueError("a stage or data set name is letters, digits, '_', '.', '-', starting with a letter or digit "
+                         "(it names a folder of the run directory)")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_name)]
 
 
 class Strict(BaseModel):
@@ -181,11 +195,11 @@ class RewardHackingConfig(Strict):
 
 
 class Recipe(Strict):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run directory name")
+    name: str = Field(..., pattern=NAME_PATTERN, description="run directory name")
     seed: int = 42
     model: ModelConfig
-    data: dict[str, DatasetConfig] = Field(default_factory=dict)
-    stages: dict[str, StageConfig]
+    data: dict[Name, DatasetConfig] = Field(default_factory=dict)
+    stages: dict[Name, StageConfig]
     evals: list[EvalConfig] = Field(default_factory=list)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     decontaminate: Optional[DecontaminateConfig] = Field(None, description=(
@@ -382,7 +396,8 @@ def _pydantic_problems(err: ValidationError, lines) -> list[Problem]:
 
 def _error_path(error: dict) -> tuple:
     """A pydantic error's `loc` without its validator and union-member parts: the recipe's key path."""
-    return tuple(x for x in error["loc"] if not (isinstance(x, str) and x[:1].isupper() and "[" in x or x in ("function-after", "function-before")))
+    return tuple(x for x in error["loc"] if not (isinstance(x, str) and x[:1].isupper() and "[" in x
+                                                 or x in ("function-after", "function-before", "[key]")))
 
 
 # ---------------------------------------------------------------- parsing

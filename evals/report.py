@@ -12,6 +12,7 @@ sample generations side by side (wrong answers marked), and the resolved recipe.
 from __future__ import annotations
 
 import base64
+import html
 import math
 import time
 from dataclasses import dataclass, field
@@ -276,7 +277,9 @@ def render_html(data: RunData, table: EvalTable, images: dict[str, Path]) -> str
 
 
 def _md(text, n: int = 200) -> str:
-    return _cut(text, n).replace("|", "\\|").replace("\n", "⏎ ")
+    """A prompt or completion as one Markdown table cell: HTML-escaped (a model's `<script>` stays text in a viewer
+    that renders raw HTML), `|` escaped, newlines shown as ⏎."""
+    return html.escape(_cut(text, n), quote=False).replace("|", "\\|").replace("\n", "⏎ ")
 
 
 def markdown_eval_table(table: EvalTable) -> list[str]:

@@ -383,3 +383,14 @@ def test_generation_settings_under_args_of_a_generating_stage_are_refused(tmp_pa
     msg = error_of(write(tmp_path, text))
     line = text.splitlines().index(f"    args: {{{arg}}}") + 1
     assert f"r.yaml:{line}: stages.x.args.{arg.split(':')[0]}: {says}" in msg, msg
+
+
+@pytest.mark.parametrize("old, new, line", [
+    ("  dpo:\n", "  ../../outside:\n", 13),          # a stage folder outside the run directory
+    ("  dpo:\n", "  \"<b>dpo</b>\":\n", 13),          # markup in the report
+    ("  pairs: {path", "  my pairs: {path", 7),        # a data set name with a space
+])
+def test_stage_and_data_names_are_folder_names(tmp_path, old, new, line):
+    p = write(tmp_path, GOOD.replace(old, new))
+    msg = error_of(p)
+    assert f"{p}:{line}" in msg and "letters, digits, '_', '.', '-'" in msg and "[key]" not in msg

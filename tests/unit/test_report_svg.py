@@ -270,3 +270,10 @@ def test_report_embeds_its_svgs_and_escapes_a_hostile_stage_name(tmp_path):
     assert files == ["evals.svg", "curves-00-_img_src_x_onerror_alert_1__.svg"]
     assert all(_parse((report / f).read_text()) is not None for f in files)
     assert sorted(p.name for p in report.iterdir()) == sorted(files + ["index.html", "report.md"])  # the old PNG is gone
+
+
+def test_markdown_cells_keep_a_completions_markup_as_text():
+    """A model's completion is untrusted: in report.md it is text, not HTML a viewer would render."""
+    from evals.report import _md
+
+    assert _md("<script>alert(1)</script> a|b\nc & d") == "&lt;script&gt;alert(1)&lt;/script&gt; a\\|b⏎ c &amp; d"
