@@ -179,7 +179,8 @@ def reward_hacking_alarms(recipe: Recipe, run_dir: Path | str) -> list[Alarm]:
                 alarms.append(Alarm(stage, "reward_vs_eval", (
                     f"{stage}: possible reward hacking -- {' and '.join(rises)}, but the held-out evals did not "
                     f"improve on {start}: {evals}. "
-                    f"The policy may be exploiting the reward rather than getting better at the task.")))
+                    f"The policy may be exploiting the reward, or learning its training prompts without generalizing, "
+                    f"rather than getting better at the task.")))
         kl = kl_level(rows)
         if cfg.kl_budget is not None and kl is not None and kl[0] > cfg.kl_budget:
             alarms.append(Alarm(stage, "kl_budget", (
