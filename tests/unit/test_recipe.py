@@ -303,12 +303,16 @@ def test_old_and_new_ppo_names_together_are_not_rewritten(tmp_path):
 def test_what_a_trainer_refuses_only_after_loading_is_refused_at_validate(tmp_path, method, args, key, says):
     """A value TRL checks only in its loss (an unknown loss_type: the first training step dies) or in the trainer's
     constructor (an eval strategy without an eval set) is refused by validate, with the key and its line."""
+    assert_refused_at_validate(tmp_path, method, args, key, says)
+
+
+def assert_refused_at_validate(tmp_path, method, args, key, says, start=""):
+    """A stage `x` of `method` with `args` (a mapping's text, braces optional) after GOOD's stages is refused by
+    load_recipe with `says`, naming `stages.x.args.KEY` and the args' line."""
     args = args if args.startswith("{") else "{" + args + "}"
-    text = GOOD + f"  x:\n    method: {method}\n    data: [sft]\n    rewards: [{{name: math_accuracy}}]\n    args: {args}\n"
-    if method not in ("grpo",):
-        text = text.replace("    rewards: [{name: math_accuracy}]\n", "")
-    p = write(tmp_path, text)
-    msg = error_of(p)
+    rewards = "    rewards: [{name: math_accuracy}]\n" if method == "grpo" else ""
+    text = GOOD + f"  x:\n    method: {method}\n{start}    data: [sft]\n{rewards}    args: {args}\n"
+    msg = error_of(write(tmp_path, text))
     line = text.splitlines().index(f"    args: {args}") + 1
     assert f"r.yaml:{line}: stages.x.args.{key}: " in msg and says in msg, msg
 
@@ -339,12 +343,7 @@ def test_every_documented_loss_type_is_accepted(tmp_path):
 def test_what_a_trainer_refuses_in_its_constructor_is_refused_at_validate(tmp_path, method, args, key, says):
     """TRL's trainers check these in their constructors, on the config (and whether there is an adapter) alone --
     after the model loaded, as a traceback and advice to rerun; validate names the key and line first."""
-    args = args if args.startswith("{") else "{" + args + "}"
-    rewards = "    rewards: [{name: math_accuracy}]\n" if method == "grpo" else ""
-    text = GOOD + f"  x:\n    method: {method}\n    from: sft\n    data: [sft]\n{rewards}    args: {args}\n"
-    msg = error_of(write(tmp_path, text))
-    line = text.splitlines().index(f"    args: {args}") + 1
-    assert f"r.yaml:{line}: stages.x.args.{key}: " in msg and says in msg, msg
+    assert_refused_at_validate(tmp_path, method, args, key, says, start="    from: sft\n")
 
 
 def test_eval_args_are_typed_as_the_task_takes_them(tmp_path):
