@@ -53,6 +53,7 @@ CHANGES: dict[str, str] = {
     "truncated": "completion cut away completely by max_length (nothing left to learn from)",
     "truncated_partly": "cut by max_length (part of the completion or text lost)",
     "too_long": "longer than max_length: the trainer leaves it out",
+    "system_prompt": "the dataset's system_prompt put first in its conversation",
     "contaminated": "shares an n-gram with an eval set, left out (decontaminate: drop)",
     "overlapping": "shares an n-gram with an eval set, kept (decontaminate: warn)",
 }
@@ -293,9 +294,37 @@ def load(name: str, cfg: DatasetConfig, *, on_bad_rows: Optional[str] = None,
                 row[col] = str(value)
                 report.add(name, "retyped", where(i), f"{col} {value!r} -> {row[col]!r}")
     loaded = Loaded(name, rows, str(cfg.path), where)
+    if cfg.system_prompt is not None:
+        _add_system_prompt(loaded, cfg.system_prompt, report)
     if cfg.unpaired:
         loaded = to_unpaired(loaded, on_bad_rows=on_bad_rows, report=report)
     return loaded
+
+
+def _add_system_prompt(loaded: Loaded, text: str, report: DataReport) -> None:
+    """Put `{"role": "system", "content": text}` first in each row's conversation -- `messages`, else `prompt`,
+    else both `chosen` and `rejected` (an implicit prompt) -- unless it starts with a system message already;
+    each row changed is counted (`system_prompt`). A malformed conversation is left to the format check.
+
+    Raises:
+        DataError: a row whose conversation is text (a system message needs a list of messages).
+    """
+    for i, row in enumerate(loaded.rows):
+        columns = [c for c in ("messages", "prompt") if c in row][:1] or [c for c in ("chosen", "rejected") if c in row]
+        if not columns or any(isinstance(row[c], str) for c in columns):
+            column = next((c for c in columns if isinstance(row[c], str)), "text")
+            raise DataError(f"{loaded.where(i)}: dataset '{loaded.name}' has a system_prompt, but column '{column}' is "
+                            f"text, not a conversation; give rows as lists of {{role, content}} messages, or drop "
+                            f"system_prompt")
+        changed = False
+        for c in columns:
+            conversation = row[c]
+            if isinstance(conversation, list) and conversation and isinstance(conversation[0], dict) \
+                    and conversation[0].get("role") != "system":
+                row[c] = [{"role": "system", "content": text}, *conversation]
+                changed = True
+        if changed:
+            report.add(loaded.name, "system_prompt", loaded.where(i))
 
 
 def _looks_like_jsonl(path: Path) -> bool:

@@ -93,6 +93,10 @@ class DatasetConfig(Strict):
     columns: dict[str, str] = Field(default_factory=dict, description="rename columns {from: to} after loading")
     max_rows: Optional[int] = Field(None, gt=0, description="keep only the first N rows")
     unpaired: bool = Field(False, description="turn chosen/rejected pairs into unpaired rows (prompt, completion, label) for KTO")
+    system_prompt: Optional[str] = Field(None, description=(
+        "a system message put first in every conversation of the dataset that has none (the `messages`, the "
+        "`prompt`, or chosen and rejected when there is no prompt); a chat template's own default system prompt "
+        "is then left out. Rows must be conversations. Give the training and the eval sets the same one"))
 
 
 class DataRef(Strict):

@@ -446,3 +446,38 @@ def test_csv_labels_read_as_booleans_even_beside_a_bad_one(tmp_path):
     assert f"{p}:4: column 'label' should be true or false" in str(err.value)
     assert f"{p}:2" not in str(err.value) and f"{p}:3" not in str(err.value)
     assert "1 malformed row(s) of 3" in str(err.value)
+
+
+SYS = {"role": "system", "content": "Answer with the number only."}
+
+
+def test_system_prompt_goes_first_in_each_conversation_and_is_counted(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": "1+1?"}], "completion": [{"role": "assistant", "content": "2"}]},
+            {"prompt": [SYS | {"content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+             "completion": [{"role": "assistant", "content": "4"}]},
+            {"messages": MSG},
+            {"chosen": MSG, "rejected": [MSG[0], {"role": "assistant", "content": "bye"}]}]
+    p = write_jsonl(tmp_path / "d.jsonl", rows)
+    report = DataReport()
+    got = load("d", cfg(p, system_prompt=SYS["content"]), report=report).rows
+    assert got[0]["prompt"] == [SYS, *rows[0]["prompt"]] and got[0]["completion"] == rows[0]["completion"]
+    assert got[1]["prompt"] == rows[1]["prompt"]  # a row's own system message stays
+    assert got[2]["messages"] == [SYS, *MSG]
+    assert got[3]["chosen"][0] == got[3]["rejected"][0] == SYS
+    assert split_prompt(got[3])[0] == [SYS, MSG[0]]  # the implicit prompt carries it
+    assert report.counts == {"d": {"system_prompt": 3}}
+    assert report.examples["d"]["system_prompt"] == [f"{p}:1", f"{p}:3", f"{p}:4"]
+
+
+@pytest.mark.parametrize("row, column", [({"prompt": "1+1?", "completion": "2"}, "prompt"), ({"text": "hi"}, "text")])
+def test_system_prompt_on_text_rows_is_refused_with_file_and_line(tmp_path, row, column):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"messages": MSG}, row])
+    with pytest.raises(DataError, match=rf"{p}:2: dataset 'd' has a system_prompt, but column '{column}' is text"):
+        load("d", cfg(p, system_prompt="x"))
+
+
+def test_system_prompt_changes_the_dataset_digest(tmp_path):
+    from alignment.data import dataset_digest
+
+    p = write_jsonl(tmp_path / "d.jsonl", [{"messages": MSG}])
+    assert len({dataset_digest(cfg(p)), dataset_digest(cfg(p, system_prompt="a")), dataset_digest(cfg(p, system_prompt="b"))}) == 3

@@ -35,6 +35,21 @@ def test_row_grams():
     assert grams == {("a", "b", "c"), ("b", "c", "d"), ("c", "d", "e")}
 
 
+def test_a_system_prompt_shared_by_training_and_eval_rows_is_not_an_overlap(tmp_path, tiny_model_path):
+    system = {"role": "system", "content": "Answer with the number only."}
+    assert row_grams({"prompt": [system, {"role": "developer", "content": "Be brief."},
+                                 {"role": "user", "content": "What is 2+2?"}]}, 13) == {("what", "is", "2", "2")}
+    write_jsonl(tmp_path / "sft.jsonl", [{"prompt": [system, {"role": "user", "content": f"What is {i}+{i}?"}],
+                                          "completion": [{"role": "assistant", "content": str(2 * i)}]} for i in range(4)])
+    write_jsonl(tmp_path / "test.jsonl", [{"prompt": [{"role": "user", "content": "What is 7+8?"}], "answer": "15"},
+                                          {"prompt": [{"role": "user", "content": "What is 1+1?"}], "answer": "2"}])
+    recipe = write_recipe(tmp_path, tiny_model_path, {"sft": {"method": "sft", "data": ["sft"], "args": {"max_steps": 1}}},
+                          data={"sft": {"path": "sft.jsonl"}, "test": {"path": "test.jsonl", "system_prompt": system["content"]}},
+                          evals=[{"task": "accuracy", "data": "test"}])
+    n, pairs = overlap_report(load_recipe(recipe))
+    assert [(p.train, p.eval, p.rows) for p in pairs if p.rows] == [("sft", "test", 1)]  # 1+1, not the system prompt
+
+
 def test_validate_and_plan_report_the_overlap_by_row(tmp_path, tiny_model_path):
     recipe = setup(tmp_path, tiny_model_path)
     n, pairs = overlap_report(load_recipe(recipe))
