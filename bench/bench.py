@@ -116,10 +116,10 @@ def settings(quick: bool, work: Path) -> dict:
     model = str(tiny_model(work / "tiny-49k") if quick else bundled_path("smollm2-135m-instruct"))
     # the RL rollout of the measurement in both modes: 8 prompts x 8 completions x 16 tokens
     # save_steps on both sides: no checkpoint but the one at the last step, which TRL's defaults write too
-    # SFT's gradient checkpointing on both sides: alignkit's default (off; TRL's SFTConfig defaults to on, which
-    # holds ~0.5 GiB less at the full size and takes ~30 % more time). GRPO's cases still run each side's default.
+    # gradient checkpointing the same on both sides of every case: alignkit's default (off; TRL's configs default
+    # to on, which holds ~0.5 GiB less in SFT at the full size and takes ~30 % more time)
     return {"model": model, "bf16": bf16_supported(), "save_steps": 1000, "sft_steps": 2 if quick else 12, "sft_batch": 8,
-            "sft_gradient_checkpointing": ModelConfig.model_fields["gradient_checkpointing"].default,
+            "gradient_checkpointing": ModelConfig.model_fields["gradient_checkpointing"].default,
             "rl_steps": 2 if quick else 4, "num_generations": 8, "rollout_size": 64, "max_new_tokens": 16}
 
 
@@ -156,18 +156,19 @@ def cases(s: dict, work: Path) -> dict[str, list[str]]:
     raw = [sys.executable, str(ROOT / "bench" / "raw_trl.py"), "--model", s["model"], "--seed", "0",
            "--save-steps", str(s["save_steps"])]
     raw_bf16 = ["--bf16"] if s["bf16"] else []
+    gc = s["gradient_checkpointing"]
+    checkpointing = ["--gradient-checkpointing", "on" if gc else "off"]
     return {
         "sft/trl": [*raw, "sft", "--data", str(DATA / "sft.jsonl"), "--out", str(work / "trl-sft"),
                     "--steps", str(s["sft_steps"]), "--batch", str(s["sft_batch"]), "--lr", "1e-3", *raw_bf16,
-                    "--gradient-checkpointing", "on" if s["sft_gradient_checkpointing"] else "off"],
-        "sft/alignkit": _alignkit(work, _recipe(work, "sft", s, sft, "sft",
-                                                gradient_checkpointing=s["sft_gradient_checkpointing"])),
+                    *checkpointing],
+        "sft/alignkit": _alignkit(work, _recipe(work, "sft", s, sft, "sft", gradient_checkpointing=gc)),
         "grpo/trl": [*raw, "grpo", "--data", str(DATA / "prompts.jsonl"), "--out", str(work / "trl-grpo"),
                      "--steps", str(s["rl_steps"]), "--batch", str(s["rollout_size"]), "--lr", "1e-4",
                      "--num-generations", str(s["num_generations"]), "--max-new-tokens", str(s["max_new_tokens"]),
-                     *raw_bf16],
-        "grpo/alignkit": _alignkit(work, _recipe(work, "grpo", s, grpo, "prompts")),
-        "ppo/alignkit": _alignkit(work, _recipe(work, "ppo", s, ppo, "prompts")),
+                     *raw_bf16, *checkpointing],
+        "grpo/alignkit": _alignkit(work, _recipe(work, "grpo", s, grpo, "prompts", gradient_checkpointing=gc)),
+        "ppo/alignkit": _alignkit(work, _recipe(work, "ppo", s, ppo, "prompts", gradient_checkpointing=gc)),
     }
 
 

@@ -31,7 +31,7 @@ def _settings(tmp_path: Path, **over) -> dict:
     from alignment.recipe import ModelConfig
 
     return {"model": str(tmp_path), "bf16": False, "save_steps": 1000, "sft_steps": 12, "sft_batch": 8,
-            "sft_gradient_checkpointing": ModelConfig.model_fields["gradient_checkpointing"].default, "rl_steps": 4,
+            "gradient_checkpointing": ModelConfig.model_fields["gradient_checkpointing"].default, "rl_steps": 4,
             "num_generations": 8, "rollout_size": 64, "max_new_tokens": 16, **over}
 
 
@@ -54,7 +54,7 @@ def _sft_configs(scripts, tmp_path: Path, s: dict) -> tuple[dict, dict]:
 def test_both_sides_of_the_sft_bench_build_the_same_trl_config(scripts, tmp_path, checkpointing):
     from alignment.recipe import ModelConfig
 
-    over = {} if checkpointing is None else {"sft_gradient_checkpointing": checkpointing}
+    over = {} if checkpointing is None else {"gradient_checkpointing": checkpointing}
     trl_side, ours = _sft_configs(scripts, tmp_path, _settings(tmp_path, **over))
     differ = {k: (trl_side.get(k), ours.get(k)) for k in trl_side.keys() | ours.keys() if trl_side.get(k) != ours.get(k)}
     assert differ.keys() <= ALLOWED, differ
@@ -67,3 +67,15 @@ def test_raw_trl_alone_keeps_trls_default_checkpointing(scripts):
     args = raw.parser().parse_args(["sft", "--model", "m", "--data", "d", "--out", "o", "--steps", "1", "--batch", "1",
                                     "--lr", "1e-3"])
     assert raw.trainer_config(args).gradient_checkpointing is True
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_rl_cases_checkpoint_alike_on_both_sides(scripts, tmp_path, checkpointing):
+    import yaml
+
+    bench, raw = scripts
+    argv = bench.cases(_settings(tmp_path, gradient_checkpointing=checkpointing), tmp_path)
+    assert raw.trainer_config(raw.parser().parse_args(argv["grpo/trl"][2:])).gradient_checkpointing is checkpointing
+    for case in ("grpo/alignkit", "ppo/alignkit"):
+        recipe = yaml.safe_load(Path(argv[case][argv[case].index("run") + 1]).read_text())
+        assert recipe["model"]["gradient_checkpointing"] is checkpointing, case
