@@ -311,8 +311,9 @@ def _add_system_prompt(loaded: Loaded, text: str, report: DataReport) -> None:
     """
     for i, row in enumerate(loaded.rows):
         columns = [c for c in ("messages", "prompt") if c in row][:1] or [c for c in ("chosen", "rejected") if c in row]
-        if not columns or any(isinstance(row[c], str) for c in columns):
-            column = next((c for c in columns if isinstance(row[c], str)), "text")
+        plain = [c for c in columns if isinstance(row[c], str)] or (["text"] if not columns and "text" in row else [])
+        if plain:
+            column = plain[0]
             raise DataError(f"{loaded.where(i)}: dataset '{loaded.name}' has a system_prompt, but column '{column}' is "
                             f"text, not a conversation; give rows as lists of {{role, content}} messages, or drop "
                             f"system_prompt")

@@ -1,9 +1,10 @@
 """Decontamination: word n-gram overlap between a recipe's training sets and its eval sets.
 
 A row's text is each of its text fields apart -- `prompt`, `completion`, `chosen`, `rejected`, `text`, and every
-message's content but system messages' (an instruction shared by every row is not contamination) -- lower-cased and split into words (`\\w+`); its grams are the fields' word n-grams (13 by
-default, as in GPT-3's contamination study, Brown et al. 2020, appendix C), and a field shorter than n words is
-one gram of its own, so a short question repeated word for word is caught too. A training row overlaps an eval
+message's content but system and developer messages' (an instruction shared by every row is not contamination) --
+lower-cased and split into words (`\\w+`); its grams are the fields' word n-grams (13 by default, as in GPT-3's
+contamination study, Brown et al. 2020, appendix C), and a field shorter than n words is one gram of its own, so a
+short question repeated word for word is caught too. A training row overlaps an eval
 set when one of its grams is one of the eval set's. The eval sets are indexed (they are the small side); the
 training sets are streamed past the index.
 

@@ -476,6 +476,14 @@ def test_system_prompt_on_text_rows_is_refused_with_file_and_line(tmp_path, row,
         load("d", cfg(p, system_prompt="x"))
 
 
+def test_system_prompt_leaves_rows_of_another_format_to_the_format_check(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"messages": MSG}, {"question": "1+1?", "answer": "2"}])
+    loaded = load("d", cfg(p, system_prompt="x"))
+    assert loaded.rows[1] == {"question": "1+1?", "answer": "2"}
+    with pytest.raises(DataError, match=rf"{p}:2: column 'messages' is missing"):
+        check(loaded, ("messages",))
+
+
 def test_system_prompt_changes_the_dataset_digest(tmp_path):
     from alignment.data import dataset_digest
 
