@@ -12,7 +12,7 @@ glibc's `mallinfo2` over all arenas in MiB (brk: heap bytes, mmap: mmapped chunk
 heap but free) and the number of modules imported. MEMPROBE_INUSE=1 also samples glibc's in-use bytes (the
 largest since the last point: `inuse_max_since`). At `train` it writes FILE.json: the trainer's final
 arguments, torch threads, parameter dtypes and counts, callbacks, collator and the top-level modules loaded.
-Without MEMPROBE nothing is done. bench/README.md, 2026-12-01 02:14, has what it found."""
+Without MEMPROBE nothing is done. bench/README.md, 2026-12-01 02:36, has what it found."""
 import os
 
 if os.environ.get("MEMPROBE"):

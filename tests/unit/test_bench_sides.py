@@ -2,7 +2,7 @@
 (`alignment.stages.trainer_kwargs`) and the one `bench/raw_trl.py` builds from its command line differ only in the
 output folder and alignkit's checkpoint count (one checkpoint is written either way). A setting left to each side's
 default was not the same run: TRL's SFTConfig checkpoints activations (gradient checkpointing) and alignkit does
-not, which alone made alignkit's SFT peak 1.23x raw TRL's (bench/README.md, 2026-12-01 02:14)."""
+not, which alone made alignkit's SFT peak 1.23x raw TRL's (bench/README.md, 2026-12-01 02:36)."""
 from __future__ import annotations
 
 import importlib.util
