@@ -73,16 +73,21 @@ def eval_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="with --model: the dataset file (.jsonl/.json/.parquet/.csv)"),
     run_dir: Path = typer.Option(Path("runs"), "--run-dir", help="parent folder of run directories"),
     arg: Optional[list[str]] = typer.Option(None, "--arg", help="with --model: a task argument key=value (repeatable)"),
+    system_prompt: Optional[str] = typer.Option(
+        None, "--system-prompt", help="with --model --data: a system message put first in every conversation without "
+        "one, as a recipe data set's `system_prompt` (\"\" for an empty one: not the chat template's default)"),
     force: bool = typer.Option(False, "--force", help="re-evaluate even where a cached result matches"),
 ):
     """Evaluate a recipe's stages (results in runs/NAME/evals/), or one model on one task."""
     if (recipe is None) == (model is None):
         _fail("give a RECIPE, or --model PATH --task TASK --data FILE (not both)")
     if model is not None:
-        _eval_model(model, task, data, _parse_args(arg))
+        _eval_model(model, task, data, _parse_args(arg), system_prompt)
         return
     if arg:
         _fail("--arg is for --model; a recipe's eval arguments live under its evals[i].args")
+    if system_prompt is not None:
+        _fail("--system-prompt is for --model; a recipe's data sets take `system_prompt` under data.NAME")
     _eval_recipe(recipe, stage, task, run_dir, force)
 
 
@@ -111,8 +116,9 @@ def _eval_recipe(path: Path, stage: Optional[str], task: Optional[str], run_dir:
     console.print(f"results: [bold]{target / 'evals'}[/]  ·  report: alignkit report {target}")
 
 
-def _eval_model(model: str, task: Optional[str], data: Optional[Path], args: dict) -> None:
-    from alignment.data import DataError, load
+def _eval_model(model: str, task: Optional[str], data: Optional[Path], args: dict,
+                system_prompt: Optional[str] = None) -> None:
+    from alignment.data import DataError, DataReport, load
     from alignment.models import resolve_model_path
     from alignment.recipe import DatasetConfig
     from alignment.rundir import full_weights
@@ -123,10 +129,16 @@ def _eval_model(model: str, task: Optional[str], data: Optional[Path], args: dic
     problems = check_task_args(task, args, has_data=data is not None)
     if problems:
         _fail("; ".join(p.replace("add `data: NAME` naming one under data:", "pass --data FILE") for p in problems))
+    if system_prompt is not None and data is None:
+        _fail("--system-prompt needs --data FILE: it goes into that file's conversations")
+    report = DataReport()
     try:
-        rows = load(data.name, DatasetConfig(path=str(data.resolve()))).rows if data else []
+        rows = load(data.name, DatasetConfig(path=str(data.resolve()), system_prompt=system_prompt),
+                    report=report).rows if data else []
     except DataError as e:
         _fail(str(e))
+    for line in report.lines():  # rows changed on the way in (retyped numbers, the system prompt): counted
+        console.print(f"data: {escape(line)}", soft_wrap=True)
     path = str(full_weights(Path(model))) if Path(model).is_dir() else resolve_model_path(model)
     ctx = EvalContext(model_path=path, rows=rows, stage="model", dtype=_auto_dtype(), console=console,
                       backend=args.get("backend", DEFAULT_BACKEND), batch_size=args.get("batch_size", DEFAULT_BATCH_SIZE))

@@ -258,3 +258,31 @@ def test_cli_eval_recipe_model_and_report(run, tiny_model_path, tmp_path):
     (tmp_path / "empty").mkdir()
     res = runner.invoke(app, ["report", str(tmp_path / "empty")])
     assert res.exit_code == 2 and "not a run directory" in res.output
+
+
+def test_cli_eval_model_system_prompt(tiny_model_path, tmp_path):
+    """`alignkit eval --model --data --system-prompt`: as a recipe data set's `system_prompt`, the message goes first
+    into every conversation without a system message of its own, and the rows changed are counted; misused, the
+    option ends the command with exit 2 and says why."""
+    from typer.testing import CliRunner
+
+    app, runner = _cli(), CliRunner()
+    chat = write_jsonl(tmp_path / "chat.jsonl", [
+        {"prompt": [{"role": "user", "content": "1+1="}]},
+        {"prompt": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2="}]},
+        {"prompt": [{"role": "user", "content": "3+3="}]},
+    ])
+    model = ["eval", "--model", str(tiny_model_path), "--task", "length", "--arg", "backend=hf", "--arg", "max_new_tokens=2"]
+    res = runner.invoke(app, [*model, "--data", str(chat), "--system-prompt", "Answer with the number only."])
+    assert res.exit_code == 0, res.output
+    out = res.output.replace("\n", "")
+    assert "2 row(s) system_prompt" in out and f"{chat}:1; {chat}:3" in out, res.output
+
+    text = write_jsonl(tmp_path / "text.jsonl", [{"prompt": "1+1="}])
+    res = runner.invoke(app, [*model, "--data", str(text), "--system-prompt", ""])
+    assert res.exit_code == 2 and f"{text}:1" in res.output.replace("\n", "") and "system_prompt" in res.output
+    res = runner.invoke(app, ["eval", "--model", str(tiny_model_path), "--task", "lm_eval", "--arg", 'tasks=["hellaswag"]',
+                              "--system-prompt", "x"])  # a task that takes no --data
+    assert res.exit_code == 2 and "--system-prompt needs --data FILE" in res.output, res.output
+    res = runner.invoke(app, ["eval", str(tmp_path / "recipe.yaml"), "--system-prompt", "x"])
+    assert res.exit_code == 2 and "--system-prompt is for --model" in res.output
