@@ -14,6 +14,7 @@ it imports) and generates the same greedy answers as the stage's own weights.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -185,19 +186,28 @@ def model_card(rundir: RunDir, recipe: Recipe, stage: str, head: str, dtype) -> 
         final = ", ".join(final_metrics(man.get("metrics") or {}, rundir.read_metrics(s))) or "–"
         out.append(f"| {s} | {recipe.stages[s].method} | {recipe.stages[s].from_} | {adapter} | "
                    f"{', '.join(r.name for r in recipe.stages[s].data) or '–'} | {final} | {man.get('fingerprint', '')} |")
-    out += ["", "## Data", "", "| dataset | source | digest (sha256 of the file : of the options) |", "|---|---|---|"]
+    out += ["", "## Data", "", "| dataset | source | system prompt | digest (sha256 of the file : of the options) |",
+            "|---|---|---|---|"]
+    system_prompts = {}  # dataset -> the system message put first in its conversations (`system_prompt`)
     for name, digest in datasets.items():
         cfg = recipe.data[name]
         source = Path(cfg.path).name if Path(cfg.path).is_absolute() else f"{cfg.path} ({cfg.split})"
-        out.append(f"| {name} | {source} | `{digest}` |")
+        if cfg.system_prompt is not None:
+            system_prompts[name] = json.dumps(cfg.system_prompt).replace("|", "\\|")  # quoted, one line
+        out.append(f"| {name} | {source} | {system_prompts.get(name, '–')} | `{digest}` |")
     evals = {s: e for s in [BASE] + chain if (e := rundir.read_evals(s)) is not None}
     out += ["", "## Evals", ""]
     table = build_eval_table(evals, [BASE] + chain)
     out += markdown_eval_table(table) if table.tasks else ["No eval results in the run directory."]
     out += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "model = AutoModelForCausalLM.from_pretrained(PATH_OR_REPO)",
-            "tokenizer = AutoTokenizer.from_pretrained(PATH_OR_REPO)  # with its chat template", "```",
-            "", "## Recipe", "", "```yaml", dump_recipe(recipe).rstrip(), "```", ""]
+            "tokenizer = AutoTokenizer.from_pretrained(PATH_OR_REPO)  # with its chat template", "```"]
+    if system_prompts:
+        shown = ", ".join(sorted(set(system_prompts.values())))
+        out += ["", f"Trained with a system message first in every conversation ({shown}: the data's `system_prompt` "
+                "above): start a conversation with the same one; without one, the chat template may put its own "
+                "default system message there."]
+    out += ["", "## Recipe", "", "```yaml", dump_recipe(recipe).rstrip(), "```", ""]
     return "\n".join(out)
 
 

@@ -25,14 +25,15 @@ TEST = [{"prompt": [{"role": "user", "content": f"{a}+{b}="}], "answer": str(a +
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_path):
-    """sft (LoRA) -> sft2 (LoRA from sft), evaluated greedily (hf) on three held-out sums."""
+    """sft (LoRA) -> sft2 (LoRA from sft), evaluated greedily (hf) on three held-out sums; the training data
+    carry a system prompt."""
     root = tmp_path_factory.mktemp("export")
     write_jsonl(root / "sft.jsonl", sum_rows(64))
     write_jsonl(root / "test.jsonl", TEST)
     stages = {"sft": {"method": "sft", "data": ["sft"], "args": ARGS},
               "sft2": {"method": "sft", "from": "sft", "data": ["sft"], "args": {**ARGS, "seed": 1}}}
     recipe = write_recipe(root, tiny_model_path, stages, model=LORA,
-                          data={"sft": {"path": "sft.jsonl"}, "test": {"path": "test.jsonl"}},
+                          data={"sft": {"path": "sft.jsonl", "system_prompt": "Add | sum."}, "test": {"path": "test.jsonl"}},
                           evals=[{"task": "accuracy", "data": "test",
                                   "args": {"backend": "hf", "max_new_tokens": export_mod.CHECK_TOKENS}}])
     res = run_cli(recipe, "--run-dir", root / "runs", env={"OMP_NUM_THREADS": "1"})
@@ -88,7 +89,8 @@ def test_export_is_the_merged_lineage_and_answers_as_the_stage_did(run_dir, tmp_
     assert card.startswith("---\nlibrary_name: transformers\n")
     assert "sft (sft) → sft2 (sft)" in card and "| sft2 | sft | sft | lora r=8 |" in card
     digest = json.loads((run_dir / "sft" / "manifest.json").read_text())["inputs"]["data"]["sft"]["digest"]
-    assert f"| sft | sft.jsonl | `{digest}` |" in card
+    assert f'| sft | sft.jsonl | "Add \\| sum." | `{digest}` |' in card  # the data set's system_prompt, | escaped
+    assert 'Trained with a system message first in every conversation ("Add \\| sum."' in card
     assert "| accuracy | **accuracy** |" in card and "## Recipe" in card
     for stage in ("sft", "sft2"):  # each stage's mean train loss in its lineage row
         loss = json.loads((run_dir / stage / "manifest.json").read_text())["metrics"]["train_loss"]
