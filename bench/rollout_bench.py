@@ -2,7 +2,8 @@
 engine follows the policy after a sync (mean |engine log-prob - trainer log-prob|, TRL's
 `sampling_logp_difference`, before and after syncing perturbed weights).
 
-    .venv/bin/python bench/rollout_bench.py [--model PATH] [--engines hf vllm vllm-server] [--out FILE.json]
+    .venv/bin/python bench/rollout_bench.py [--model PATH] [--engines hf vllm vllm-server] [--compile]
+        [--out FILE.json]
 
 The default model is the bundled SmolLM2-135M-Instruct (`make demo` puts it in the cache), in the precision the
 quick start trains in here (`bf16: auto`: bf16 where the CPU or GPU has it natively, else fp32).
@@ -37,13 +38,14 @@ def trainer_logprob_diff(policy, completions) -> float:
     return torch.cat(gaps).mean().item()
 
 
-def bench_engine(name: str, model_path: str, dtype: str, policy, perturbed, prompts) -> dict:
+def bench_engine(name: str, model_path: str, dtype: str, policy, perturbed, prompts, compiled: bool = False) -> dict:
     from alignment.rollout import SamplingConfig, make_engine
 
     greedy = SamplingConfig(max_new_tokens=64, temperature=0)
     started = time.perf_counter()
-    engine = make_engine(name, model_path, dtype=dtype)  # hf loads its own copy, so its sync copies weights too
-    row = {"engine": name, "startup_s": time.perf_counter() - started}
+    kwargs = {"enforce_eager": False} if compiled and name == "vllm" else {}
+    engine = make_engine(name, model_path, dtype=dtype, **kwargs)  # hf loads its own copy: its sync copies weights
+    row = {"engine": name + (" (compiled)" if kwargs else ""), "startup_s": time.perf_counter() - started}
     engine.generate(prompts[:2], SamplingConfig(max_new_tokens=4, temperature=0))  # first-call warm-up
     for batch in (8, 64):
         started = time.perf_counter()
@@ -68,6 +70,9 @@ def main() -> None:
     parser.add_argument("--model", default=default_model())
     parser.add_argument("--dtype", help="default: what `bf16: auto` picks here (bfloat16 where native, else float32)")
     parser.add_argument("--engines", nargs="+", default=["hf", "vllm", "vllm-server"])
+    parser.add_argument("--compile", action="store_true",
+                        help="in-process vllm with torch.compile (enforce_eager=False), as vllm.LLM defaults to; "
+                             "alignkit runs it eager on CPU, where compiling costs 40-70 s of start-up")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     if args.dtype is None:
@@ -92,7 +97,8 @@ def main() -> None:
         for param in perturbed.parameters():
             param.add_(0.02 * param.float().std() * torch.randn_like(param))
 
-    rows = [bench_engine(name, args.model, args.dtype, policy, perturbed, prompts) for name in args.engines]
+    rows = [bench_engine(name, args.model, args.dtype, policy, perturbed, prompts, args.compile)
+            for name in args.engines]
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
