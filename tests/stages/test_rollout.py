@@ -8,6 +8,7 @@ on a GPU machine with the CUDA build of vLLM."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment import rollout
-from alignment.rollout import SamplingConfig, encode_prompts, make_engine, policy_state_dict, resolve_backend
+from alignment.rollout import HFEngine, SamplingConfig, encode_prompts, make_engine, policy_state_dict, resolve_backend
 from alignment.testing import make_tiny_llama
 
 
@@ -139,6 +140,26 @@ def test_hf_sampling_logprobs_are_those_of_the_processed_distribution(model_path
     assert model.training and engine.model is model  # generates with the live model, leaves its mode alone
     unseeded = SamplingConfig(max_new_tokens=12, n=2)  # draws from the global RNG, so calls differ
     assert flat(engine.generate(prompts, unseeded)) != flat(engine.generate(prompts, unseeded))
+
+
+def test_hf_prefills_a_shared_prompt_once_with_the_same_samples(model_path, prompts):
+    """n completions per prompt: each distinct prompt runs once (its cache repeated to its rows) and the samples,
+    stops and log-probs are those of the plain call, through a LoRA model, with prompts of unequal length."""
+    model = random_adapter(load(model_path), "lora")
+    widths = []
+    model.get_input_embeddings().register_forward_hook(lambda _m, args, _out: widths.append(tuple(args[0].shape)))
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.9, n=4, seed=5)
+    width = max(len(ids) for ids in prompts)
+    plain = HFEngine(model_path, model=model, share_prefix=False).generate(prompts, sampling)
+    assert widths[0] == (4 * len(prompts), width)  # every row runs its whole prompt
+    widths.clear()
+    shared = HFEngine(model_path, model=model).generate(prompts, sampling)
+    assert widths[:2] == [(len(prompts), width - 1), (4 * len(prompts), 1)]  # distinct prompts once, then last tokens
+    assert_same(shared, plain)
+    assert {c.finish_reason for c in flat(plain)} == {"stop", "length"}
+    widths.clear()
+    HFEngine(model_path, model=model).generate(prompts, dataclasses.replace(sampling, n=1))
+    assert widths[0] == (len(prompts), width)  # nothing shared: the plain call
 
 
 def random_adapter(model, method: str):
