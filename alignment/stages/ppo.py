@@ -39,7 +39,7 @@ from alignment.algos import (
 from alignment.algos import AllReduce, masked_count
 from alignment.recipe import _pydantic_problems
 from alignment.registry import did_you_mean
-from alignment.rollout import Completion, SamplingConfig
+from alignment.rollout import Completion, SamplingConfig, same_prompt_rows
 from alignment.rundir import CHECKPOINT_STATE
 from alignment.stages import StageContext, StageResult, effective_args, reward_trend, stage
 
@@ -250,16 +250,52 @@ def _lm_head(model):
     return head if cap is None else (lambda hidden: cap * torch.tanh(head(hidden) / cap))
 
 
+def _can_share_prefix(model) -> bool:
+    """A forward in two parts (prompts with a cache, then responses) is one forward of the model's: not under a
+    DDP wrapper with grad (its reducer expects one forward per backward), nor with gradient checkpointing in
+    training (which turns the cache off)."""
+    if not torch.is_grad_enabled():
+        return True
+    if hasattr(model, "module"):  # torch's DistributedDataParallel, as `accelerator.prepare` returns it
+        return False
+    return not (model.training and getattr(model, "is_gradient_checkpointing", False))
+
+
+def response_states(model, batch: RolloutBatch, *, share_prefix: bool = True, **kwargs) -> torch.Tensor:
+    """The last hidden states (B, T, H) that predict the response tokens: at the prompt's last token and at each
+    response token but the last. Rows that share a prompt (the n completions of a group) run it once: the D
+    distinct prompts forward with a KV cache, the cache is repeated to the B rows (`reorder_cache`, which
+    gradients pass through), then the responses forward against it -- the full pass's states and gradients up
+    to float rounding, for D/B of the prompt's compute (with 39-token prompts, 16-token responses and 8 rows
+    a prompt, a policy forward + backward takes 4.3 s instead of 10.5 s here). The full pass where no two rows
+    share a prompt, `share_prefix` is False, `_can_share_prefix` says no or the cache cannot be reordered.
+    `kwargs` go to both forwards (e.g. `logits_to_keep=1`)."""
+    inputs, q_len = _model_inputs(batch), batch.query_ids.shape[1]
+    same = same_prompt_rows(batch.query_ids, batch.query_mask) if share_prefix and _can_share_prefix(model) else None
+    if same is not None:
+        first, inverse = same
+        prompt = model(**{key: inputs[key][first, :q_len] for key in ("input_ids", "attention_mask", "position_ids")},
+                       use_cache=True, output_hidden_states=True, **kwargs)
+        cache = prompt.past_key_values
+        if hasattr(cache, "reorder_cache"):
+            cache.reorder_cache(inverse)
+            out = model(input_ids=inputs["input_ids"][:, q_len:], attention_mask=inputs["attention_mask"],
+                        position_ids=inputs["position_ids"][:, q_len:], past_key_values=cache, use_cache=True,
+                        output_hidden_states=True, **kwargs)
+            return torch.cat([prompt.hidden_states[-1][inverse, -1:], out.hidden_states[-1][:, :-1]], dim=1)
+    out = model(**inputs, output_hidden_states=True, **kwargs)
+    return out.hidden_states[-1][:, q_len - 1:-1]
+
+
 def policy_forward(model, batch: RolloutBatch, temperature: float, *, value_head=None, entropy: bool = False,
-                   detach_trunk: bool = False):
+                   detach_trunk: bool = False, share_prefix: bool = True):
     """Log-probs of the response tokens (B, T) at `temperature`, and optionally their entropy and the value
     head's values (B, T), read at the state before each token (the logits' shifted positions).
-    `detach_trunk`: value gradients stop at the head (critic warm-up leaves the policy as it is)."""
-    length = batch.response_ids.shape[1]
+    `detach_trunk`: value gradients stop at the head (critic warm-up leaves the policy as it is).
+    `share_prefix`: a group's prompt runs once (`response_states`)."""
     # the model's own logits for one position only: the response's come from its hidden states in chunks,
     # never (B, T, V) at once (algos.logprobs_from_hidden)
-    out = model(**_model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
-    hidden = out.hidden_states[-1][:, -length - 1:-1]
+    hidden = response_states(model, batch, share_prefix=share_prefix, logits_to_keep=1)
     logprobs, ent = logprobs_from_hidden(hidden, batch.response_ids, _lm_head(model), temperature, entropy=entropy)
     values = None
     if value_head is not None:
@@ -269,12 +305,12 @@ def policy_forward(model, batch: RolloutBatch, temperature: float, *, value_head
     return logprobs, ent, values
 
 
-def critic_forward(critic, batch: RolloutBatch, score: Optional[torch.nn.Module] = None):
+def critic_forward(critic, batch: RolloutBatch, score: Optional[torch.nn.Module] = None, *, share_prefix: bool = True):
     """Values (B, T) of a separate critic: its sequence-classification head at every state, not pooled.
-    `score`: that head, when `critic` is a DDP wrapper around the model (None: `critic.score`)."""
+    `score`: that head, when `critic` is a DDP wrapper around the model (None: `critic.score`).
+    `share_prefix`: a group's prompt runs once (`response_states`)."""
     score = critic.score if score is None else score
-    out = critic(**_model_inputs(batch), output_hidden_states=True)
-    hidden = out.hidden_states[-1][:, batch.query_ids.shape[1] - 1:-1]
+    hidden = response_states(critic, batch, share_prefix=share_prefix)
     with torch.autocast(hidden.device.type, enabled=False):  # values feed GAE: fp32 even under bf16
         return score(hidden.to(score.weight.dtype)).squeeze(-1).float()
 
@@ -509,7 +545,8 @@ class PPOTrainer:
         for _ in range(cfg.num_ppo_epochs):
             order = torch.randperm(size).to(self.device)
             for m in range(cfg.num_mini_batches):
-                minibatch = batch.select(order[m * mb_size:(m + 1) * mb_size])
+                # in rollout order: a micro-batch holds whole groups, whose prompt runs once (response_states)
+                minibatch = batch.select(order[m * mb_size:(m + 1) * mb_size].sort().values)
                 normalizer = _normalizer(minibatch.response_mask, cfg.loss_agg_mode)
                 tokens = minibatch.response_mask.sum().clamp(min=1)
                 if world > 1:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+from alignment.algos import RolloutBatch
 from alignment.metrics import describe
 from alignment.recipe import RecipeError
 from alignment.validate import load_recipe
@@ -185,6 +186,79 @@ def test_first_minibatch_ratio_is_one_with_dropout_turned_off(lora):
     assert abs(m["policy/ratio_mean"].item() - 1) < 1e-5
     assert m["policy/approxkl"].item() < 1e-10 and m["policy/clipfrac"].item() == 0
     assert m["value/clipfrac"].item() == 0  # values equal the rollout's: nothing to clip
+
+
+def grouped_batch(n: int = 3) -> RolloutBatch:
+    """n responses to each of 3 left-padded prompts of 6, 3 and 4 tokens (Q = 6), responses of T = 6 (one row
+    stops early: its tail is padding)."""
+    gen = torch.Generator().manual_seed(4)
+    q_len, t_len, lengths = 6, 6, [6, 3, 4]
+    size = n * len(lengths)
+    query_ids = torch.full((size, q_len), PAD)
+    query_mask = torch.zeros((size, q_len), dtype=torch.bool)
+    for k, length in enumerate(lengths):
+        query_ids[k * n:(k + 1) * n, q_len - length:] = torch.randint(3, 32, (length,), generator=gen)
+        query_mask[k * n:(k + 1) * n, q_len - length:] = True
+    response_ids = torch.randint(3, 32, (size, t_len), generator=gen)
+    response_mask = torch.ones((size, t_len), dtype=torch.bool)
+    response_ids[1, 3], response_ids[1, 4:], response_mask[1, 4:] = EOS, PAD, False
+    return RolloutBatch(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
+                        response_mask=response_mask, old_logprobs=torch.zeros(size, t_len), scores=torch.zeros(size))
+
+
+class Wrapped(torch.nn.Module):
+    """Stands in for DDP: a `.module` around the model, whose reducer wants one forward per backward."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+@pytest.mark.parametrize("role", ["policy", "critic", "wrapped"])
+def test_a_shared_prompt_runs_once_with_the_same_results_and_gradients(role):
+    """3 prompts x 3 responses: with `share_prefix` the trunk embeds the 3 prompts once, then the 9 responses
+    against their repeated cache; log-probs, entropies, values and gradients equal the full pass's. Under a DDP
+    wrapper with grad, the full pass."""
+    torch.manual_seed(0)
+    model = toy_model(0)
+    batch, weights = grouped_batch(), torch.randn(9, 6)
+    if role == "critic":
+        model = toy_critic(model)
+        torch.nn.init.normal_(model.score.weight)
+    head = new_value_head(model)
+    torch.nn.init.normal_(head.weight)
+    trunk = model.model
+    runner = Wrapped(model) if role == "wrapped" else model
+    widths = []
+    trunk.embed_tokens.register_forward_hook(lambda _m, args, _out: widths.append(tuple(args[0].shape)))
+
+    def run(share_prefix):
+        model.zero_grad()
+        widths.clear()
+        if role == "critic":
+            outputs = (ppo.critic_forward(runner, batch, share_prefix=share_prefix),)
+        else:
+            outputs = ppo.policy_forward(runner, batch, 0.7, value_head=head, entropy=True, share_prefix=share_prefix)
+        sum(((o * weights).sum() for o in outputs)).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return [o.detach() for o in outputs], grads, list(widths)
+
+    full, full_grads, full_widths = run(False)
+    shared, shared_grads, shared_widths = run(True)
+    assert full_widths == [(9, 12)]
+    assert shared_widths == ([(9, 12)] if role == "wrapped" else [(3, 6), (9, 6)])
+    for got, want in zip(shared, full, strict=True):
+        assert (got - want).abs().max() < 1e-5
+    assert len(shared_grads) == len(full_grads) == len(list(model.parameters()))
+    for got, want in zip(shared_grads, full_grads, strict=True):
+        assert (got - want).norm() <= 1e-4 * want.norm() + 1e-7
+    with torch.no_grad():  # no grad: no reducer to upset, so the wrapped model shares too
+        widths.clear()
+        ppo.policy_forward(runner, batch, 0.7) if role != "critic" else ppo.critic_forward(runner, batch)
+        assert widths == [(3, 6), (9, 6)]
 
 
 def test_resumed_loop_repeats_the_uninterrupted_one(tmp_path):
