@@ -2,7 +2,7 @@
 TRL (same model, data, LoRA, optimizer settings, seed and steps; GRPO generates with TRL's own HF `generate`).
 
     python bench/raw_trl.py sft|grpo --model PATH --data FILE.jsonl --out DIR --steps N [--batch B] [--lr LR]
-        [--num-generations G] [--max-new-tokens T] [--save-steps S] [--bf16] [--gradient-checkpointing on|off]
+        [--num-generations G] [--max-new-tokens T] [--beta KL] [--save-steps S] [--bf16] [--gradient-checkpointing on|off]
 
 Checkpoints as TRL's defaults write them (`save_strategy="steps"`): every `--save-steps` and at the last step,
 as the alignkit side does with the same `save_steps`. Gradient checkpointing: TRL's default (on) unless
@@ -29,6 +29,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, required=True)
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--beta", type=float, default=0.0, help="GRPO's KL coefficient")
     parser.add_argument("--save-steps", type=int, default=500, help="TRL's default")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -48,7 +49,7 @@ def trainer_config(args: argparse.Namespace):
     from trl import GRPOConfig
 
     return GRPOConfig(**common, num_generations=args.num_generations, max_completion_length=args.max_new_tokens,
-                      temperature=0.7, beta=0.0, loss_type="dapo", log_completions=False)
+                      temperature=0.7, beta=args.beta, loss_type="dapo", log_completions=False)
 
 
 def main() -> None:

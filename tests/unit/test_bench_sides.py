@@ -32,7 +32,7 @@ def _settings(tmp_path: Path, **over) -> dict:
 
     return {"model": str(tmp_path), "bf16": False, "save_steps": 1000, "sft_steps": 12, "sft_batch": 8,
             "gradient_checkpointing": ModelConfig.model_fields["gradient_checkpointing"].default, "rl_steps": 4,
-            "num_generations": 8, "rollout_size": 64, "max_new_tokens": 16, **over}
+            "num_generations": 8, "rollout_size": 64, "max_new_tokens": 16, "kl_coef": 0.05, **over}
 
 
 def _sft_configs(scripts, tmp_path: Path, s: dict) -> tuple[dict, dict]:
@@ -79,3 +79,16 @@ def test_the_rl_cases_checkpoint_alike_on_both_sides(scripts, tmp_path, checkpoi
     for case in ("grpo/alignkit", "ppo/alignkit"):
         recipe = yaml.safe_load(Path(argv[case][argv[case].index("run") + 1]).read_text())
         assert recipe["model"]["gradient_checkpointing"] is checkpointing, case
+
+
+def test_the_rl_cases_do_the_same_work_per_row(scripts, tmp_path):
+    """Raw TRL GRPO, alignkit GRPO and PPO all hold a KL term to the reference with one coefficient, so each runs
+    a reference forward, and alignkit's GRPO trains every row (SkipZeroAdvantageRows needs beta 0)."""
+    import yaml
+
+    bench, raw = scripts
+    argv = bench.cases(_settings(tmp_path, kl_coef=0.07), tmp_path)
+    assert raw.trainer_config(raw.parser().parse_args(argv["grpo/trl"][2:])).beta == 0.07
+    stages = {case: yaml.safe_load(Path(argv[case][argv[case].index("run") + 1]).read_text())["stages"]
+              for case in ("grpo/alignkit", "ppo/alignkit")}
+    assert stages["grpo/alignkit"]["grpo"]["args"]["beta"] == stages["ppo/alignkit"]["ppo"]["args"]["kl_coef"] == 0.07
