@@ -41,15 +41,16 @@ METHODS = ("sft", "grpo", "ppo")  # the cases' prefixes (`cases`)
 
 
 def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants; a process that ends while it is read leaves its part out."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
         out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
+        try:
+            for task in Path(f"/proc/{p}/task").glob("*"):
                 todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
+        except OSError:
+            pass
     return out
 
 
@@ -176,11 +177,11 @@ def cases(s: dict, work: Path) -> dict[str, list[str]]:
     }
 
 
-def step_seconds(work: Path, stage: str) -> float | None:
-    """Median `timing/step` of an alignkit stage's metrics, steps 2.. (step 1 carries the warm-up)."""
+def step_seconds(work: Path, stage: str) -> list[float]:
+    """`timing/step` of an alignkit stage's metrics, steps 2.. (step 1 carries the warm-up)."""
     path = work / "runs" / stage / stage / "metrics.jsonl"
     steps = [json.loads(line)["timing/step"] for line in path.open() if "timing/step" in line]
-    return statistics.median(steps[1:] or steps) if steps else None
+    return steps[1:] or steps
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -265,7 +266,7 @@ def main() -> None:
         s = settings(args.quick, work)
         env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         runs: dict[str, list[dict]] = {}
-        steps: dict[str, float | None] = {}
+        step_times: dict[str, list[float]] = {}  # every repeat's steps 2..: the ratio is median / median
         for _ in range(repeats):  # interleaved: each repeat runs every case once, trl before alignkit
             for case, argv in cases(s, work).items():
                 if case.split("/")[0] not in args.methods:
@@ -274,7 +275,8 @@ def main() -> None:
                 runs.setdefault(case, []).append(measure(argv, cpus=args.cpus or None, env=env,
                                                          log=work / f"{case.replace('/', '-')}.log"))
                 if case in ("grpo/alignkit", "ppo/alignkit"):
-                    steps[case.split("/")[0]] = step_seconds(work, case.split("/")[0])
+                    step_times.setdefault(case.split("/")[0], []).extend(step_seconds(work, case.split("/")[0]))
+        steps = {method: statistics.median(times) for method, times in step_times.items() if times}
         # vLLM vs HF generate is GRPO's rollout: benched with it, never in --quick
         generate = None if args.quick or "grpo" not in args.methods else generate_bench(args.out_dir / "rollout.json",
                                                           "bfloat16" if s["bf16"] else "float32", work / "rollout.log")
