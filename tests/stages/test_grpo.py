@@ -80,9 +80,10 @@ def test_a_reward_that_loses_every_score_stops_the_stage_naming_it(tmp_path, tin
     assert (run_dir / "grpo" / "checkpoints" / "checkpoint-1").is_dir()  # the last checkpoint is kept
 
 
-def _trainer(tiny_model_path, tmp_path, **args):
+def _trainer(tiny_model_path, tmp_path, mixins=None, **args):
     """A GRPOTrainer over the tiny model in float64 (the comparisons below are then free of float32's rounding,
-    which the +/- advantages of a group cancel into) with our zero-advantage mixin; `_compute_loss` only."""
+    which the +/- advantages of a group cancel into) with our `mixins` (default: the zero-advantage one);
+    `_compute_loss` only."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,7 +93,7 @@ def _trainer(tiny_model_path, tmp_path, **args):
 
     config = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
                         max_completion_length=6, report_to=[], use_cpu=True, **args)
-    cls = type("GRPOTrainer", (SkipZeroAdvantageRows, GRPOTrainer), {})
+    cls = type("GRPOTrainer", (*((SkipZeroAdvantageRows,) if mixins is None else mixins), GRPOTrainer), {})
     return cls(model=AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float64), reward_funcs=[sevens], args=config,
                train_dataset=Dataset.from_list([{"prompt": "say 1"}] * 8),
                processing_class=AutoTokenizer.from_pretrained(tiny_model_path))
@@ -165,3 +166,38 @@ def test_zero_advantage_rows_train_where_they_move_the_loss(tmp_path, tiny_model
     inputs = {**_batch(), "advantages": torch.zeros(8)}
     loss, grads, seen = _loss_grads_rows(trainer, inputs)
     assert seen == [1] and float(loss) == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads)
+
+
+def test_a_groups_prompt_runs_once_with_the_same_loss_and_gradient(tmp_path, tiny_model_path):
+    """Two groups of 4 completions (one prompt left-padded), a KL term: with `SharePromptForward` the trunk embeds
+    the 2 prompts once and the 8 completions against their repeated cache; the loss (policy and reference
+    log-probs) and every gradient are TRL's plain pass's."""
+    import torch
+
+    from alignment.stages.grpo import SharePromptForward
+
+    inputs = _batch()
+    prompts = inputs["prompt_ids"][[0, 4]].repeat_interleave(4, dim=0)
+    mask = torch.ones_like(prompts)
+    mask[4:, :2] = 0
+    inputs |= {"prompt_ids": prompts.masked_fill(mask == 0, 0), "prompt_mask": mask,
+               "advantages": torch.tensor([0.5, -0.5, 0.2, -0.2, 1.2, -0.4, -0.4, -0.4])}
+    results = {}
+    for mixins in ((), (SharePromptForward,)):
+        trainer = _trainer(tiny_model_path, tmp_path, mixins=mixins, beta=0.1)
+        with torch.no_grad():  # the reference pass, as `_generate_and_score_completions` makes it
+            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+            both = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+            ref = trainer._get_per_token_logps_and_entropies(trainer.model, ids, both, 6)[0] - 0.05
+        widths = []
+        trainer.model.get_input_embeddings().register_forward_hook(
+            lambda _m, args, _out: widths.append(tuple(args[0].shape)))
+        loss, grads, _ = _loss_grads_rows(trainer, {**inputs, "ref_per_token_logps": ref})
+        results[bool(mixins)] = loss, grads, widths, ref
+    (plain_loss, plain_grads, plain_widths, plain_ref), (loss, grads, widths, ref) = results[False], results[True]
+    assert plain_widths == [(8, 11)] and widths == [(2, 5), (8, 6)]
+    assert float((ref - plain_ref).abs().max()) < 1e-6
+    assert float(loss) == pytest.approx(float(plain_loss), rel=1e-6)
+    assert len(grads) == len(plain_grads) > 0
+    for a, b in zip(grads, plain_grads):  # TRL's fused LM head rounds through float32: ~1e-7 apart, not 1e-15
+        assert float((a - b).abs().max()) <= 1e-6 * float(b.abs().max()) + 1e-14
