@@ -13,7 +13,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 from alignment.stages import StageContext, StageResult, stage
-from alignment.stages.grpo import check_rewards, group_defaults
+from alignment.stages.grpo import SharePromptForward, check_rewards, group_defaults
 
 
 def _config():
@@ -48,7 +48,7 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer = ctx.tokenizer()
     args = ctx.trl_config(RLOOConfig)
     rollouts = ctx.trainer_rollouts(tokenizer, seed=args.seed)
-    trainer = RLOOTrainer(
+    trainer = type("RLOOTrainer", (SharePromptForward, RLOOTrainer), {})(  # TRL's, a group's prompt run once
         model=ctx.load_model(), reward_funcs=funcs, args=args, train_dataset=ctx.dataset(),
         processing_class=tokenizer, peft_config=ctx.peft_config(), callbacks=ctx.callbacks(),
     )

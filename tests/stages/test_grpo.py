@@ -201,3 +201,19 @@ def test_a_groups_prompt_runs_once_with_the_same_loss_and_gradient(tmp_path, tin
     assert len(grads) == len(plain_grads) > 0
     for a, b in zip(grads, plain_grads):  # TRL's fused LM head rounds through float32: ~1e-7 apart, not 1e-15
         assert float((a - b).abs().max()) <= 1e-6 * float(b.abs().max()) + 1e-14
+
+
+def test_trl_log_prob_seam_is_where_the_prompt_sharing_plugs_in():
+    """`SharePromptForward` overrides TRL 1.16's `_get_per_token_logps_and_entropies` of GRPO and RLOO and passes
+    its first arguments on by position: they must stay these, and TRL's fused LM head must call the decoder as
+    `base_model` (what `shared_prompt_backbone` wraps)."""
+    import inspect
+
+    from trl import GRPOTrainer, RLOOTrainer
+    from trl.trainer import utils
+
+    for cls in (GRPOTrainer, RLOOTrainer):
+        names = list(inspect.signature(cls._get_per_token_logps_and_entropies).parameters)[:8]
+        assert names == ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size",
+                         "compute_entropy", "compute_aux_loss"], cls
+    assert 'backbone_attr = "base_model"' in inspect.getsource(utils.add_fused_lm_head)
