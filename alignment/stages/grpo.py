@@ -9,6 +9,7 @@ cispo, ...) and the KL `beta` (reference = the `from` model) come through `args`
 Rows whose advantage is 0 (every completion of their prompt scored the same; the share is logged as
 `reward/zero_std_frac`) are left out of the policy forward/backward where that cannot change the step
 (`SkipZeroAdvantageRows`): on an easy or a hard task most groups are such rows, and they cost as much as the rest.
+A group's prompt runs once in every log-prob pass, not once per completion (`SharePromptForward`).
 
     alignkit run recipes/quickstart/arith.yaml --stage grpo
 """
