@@ -137,18 +137,35 @@ def shared_prompt_backbone(model, prompt_length: int):
         del backbone.forward  # the class's forward again
 
 
+@contextlib.contextmanager
+def compact_lm_head():
+    """Inside, TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`) projects only the positions it scores (the
+    completion tokens), on every device. TRL does that on Triton devices only and projects every position elsewhere,
+    prompt included, to keep tile shapes fixed for backends that recompile on a new shape (e.g. Neuron); on CPU that
+    is wasted work: with a 39-token prompt and 16-token completions, 3.4x the positions through a 49152 x 576 head."""
+    from trl.trainer import utils
+
+    use_triton = utils._use_triton
+    utils._use_triton = lambda device: True  # read by the fused forward for one thing only: whether to compact
+    try:
+        yield
+    finally:
+        utils._use_triton = use_triton
+
+
 class SharePromptForward:
     """Mixed in before TRL's GRPOTrainer: the log-prob passes (policy, reference, old) run each group's prompt once
     (`shared_prompt_backbone`) instead of once per completion, so a step's forwards cost ~D/B of the prompt tokens:
     with the bundled model's 39-token system prompt and 16-token completions, ~70 % of the tokens were the prompt.
-    Text only: calls with images, or MoE aux losses, are TRL's own."""
+    The LM head projects the completion positions only (`compact_lm_head`). Text only: calls with images, or MoE
+    aux losses, are TRL's own."""
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **media):
         if compute_aux_loss or any(value is not None for value in media.values()):
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               batch_size, compute_entropy, compute_aux_loss, **media)
-        with shared_prompt_backbone(model, input_ids.shape[1] - logits_to_keep):
+        with shared_prompt_backbone(model, input_ids.shape[1] - logits_to_keep), compact_lm_head():
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               batch_size, compute_entropy, compute_aux_loss)
 

@@ -168,10 +168,10 @@ def test_zero_advantage_rows_train_where_they_move_the_loss(tmp_path, tiny_model
     assert seen == [1] and float(loss) == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads)
 
 
-def test_a_groups_prompt_runs_once_with_the_same_loss_and_gradient(tmp_path, tiny_model_path):
+def test_a_groups_prompt_runs_once_with_the_same_loss_and_gradient(tmp_path, tiny_model_path, monkeypatch):
     """Two groups of 4 completions (one prompt left-padded), a KL term: with `SharePromptForward` the trunk embeds
-    the 2 prompts once and the 8 completions against their repeated cache; the loss (policy and reference
-    log-probs) and every gradient are TRL's plain pass's."""
+    the 2 prompts once and the 8 completions against their repeated cache, and the LM head projects the completion
+    tokens only; the loss (policy and reference log-probs) and every gradient are TRL's plain pass's."""
     import torch
 
     from alignment.stages.grpo import SharePromptForward
@@ -182,8 +182,20 @@ def test_a_groups_prompt_runs_once_with_the_same_loss_and_gradient(tmp_path, tin
     mask[4:, :2] = 0
     inputs |= {"prompt_ids": prompts.masked_fill(mask == 0, 0), "prompt_mask": mask,
                "advantages": torch.tensor([0.5, -0.5, 0.2, -0.2, 1.2, -0.4, -0.4, -0.4])}
+    from trl.trainer import utils
+
+    projected = []  # positions each call of TRL's fused LM head projects through the vocabulary
+
+    class Counting(utils._ChunkedLogProbFunction):
+        @classmethod
+        def apply(cls, hidden, *args):
+            projected.append(hidden.shape[0])
+            return super().apply(hidden, *args)
+
+    monkeypatch.setattr(utils, "_ChunkedLogProbFunction", Counting)
     results = {}
     for mixins in ((), (SharePromptForward,)):
+        projected.clear()
         trainer = _trainer(tiny_model_path, tmp_path, mixins=mixins, beta=0.1)
         with torch.no_grad():  # the reference pass, as `_generate_and_score_completions` makes it
             ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
@@ -193,9 +205,12 @@ def test_a_groups_prompt_runs_once_with_the_same_loss_and_gradient(tmp_path, tin
         trainer.model.get_input_embeddings().register_forward_hook(
             lambda _m, args, _out: widths.append(tuple(args[0].shape)))
         loss, grads, _ = _loss_grads_rows(trainer, {**inputs, "ref_per_token_logps": ref})
-        results[bool(mixins)] = loss, grads, widths, ref
-    (plain_loss, plain_grads, plain_widths, plain_ref), (loss, grads, widths, ref) = results[False], results[True]
+        results[bool(mixins)] = loss, grads, widths, ref, list(projected)
+    (plain_loss, plain_grads, plain_widths, plain_ref, plain_projected), (loss, grads, widths, ref, projected) = \
+        results[False], results[True]
     assert plain_widths == [(8, 11)] and widths == [(2, 5), (8, 6)]
+    # reference pass, then the policy's: every position on CPU in TRL's, the 46 completion tokens in ours
+    assert plain_projected == [8 * 10] * 2 and projected == [int(inputs["completion_mask"].sum())] * 2
     assert float((ref - plain_ref).abs().max()) < 1e-6
     assert float(loss) == pytest.approx(float(plain_loss), rel=1e-6)
     assert len(grads) == len(plain_grads) > 0
