@@ -130,11 +130,15 @@ def shared_prompt_backbone(model, prompt_length: int):
         return BaseModelOutputWithPast(
             last_hidden_state=torch.cat([prompt.last_hidden_state[inverse], rest.last_hidden_state], dim=1))
 
+    own = backbone.__dict__.get("forward")  # an instance's own forward (accelerate's device hooks set one) stays
     backbone.forward = forward
     try:
         yield
     finally:
-        del backbone.forward  # the class's forward again
+        if own is None:
+            del backbone.forward  # the class's forward again
+        else:
+            backbone.forward = own
 
 
 @contextlib.contextmanager

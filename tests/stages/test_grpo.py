@@ -205,6 +205,7 @@ def test_a_groups_prompt_runs_once_with_the_same_loss_and_gradient(tmp_path, tin
         trainer.model.get_input_embeddings().register_forward_hook(
             lambda _m, args, _out: widths.append(tuple(args[0].shape)))
         loss, grads, _ = _loss_grads_rows(trainer, {**inputs, "ref_per_token_logps": ref})
+        assert "forward" not in trainer.model.base_model.__dict__  # the decoder's own forward again
         results[bool(mixins)] = loss, grads, widths, ref, list(projected)
     (plain_loss, plain_grads, plain_widths, plain_ref, plain_projected), (loss, grads, widths, ref, projected) = \
         results[False], results[True]
