@@ -269,8 +269,11 @@ def response_states(model, batch: RolloutBatch, *, share_prefix: bool = True, **
     to float rounding, for D/B of the prompt's compute (with 39-token prompts, 16-token responses and 8 rows
     a prompt, a policy forward + backward takes 4.3 s instead of 10.5 s here). The full pass where no two rows
     share a prompt, `share_prefix` is False, `_can_share_prefix` says no or the cache cannot be reordered.
-    `kwargs` go to both forwards (e.g. `logits_to_keep=1`)."""
+    `kwargs` go to both forwards (e.g. `logits_to_keep=1`). An MoE's load-balancing loss is not asked for: PPO has
+    no use for it, and a split pass could not compute it (router logits for T tokens against a (B, Q + T) mask)."""
     inputs, q_len = _model_inputs(batch), batch.query_ids.shape[1]
+    if getattr(getattr(model, "module", model).config.get_text_config(), "output_router_logits", False):
+        kwargs = {**kwargs, "output_router_logits": False}
     same = same_prompt_rows(batch.query_ids, batch.query_mask) if share_prefix and _can_share_prefix(model) else None
     if same is not None:
         first, inverse = same

@@ -217,13 +217,24 @@ class Wrapped(torch.nn.Module):
         return self.module(*args, **kwargs)
 
 
-@pytest.mark.parametrize("role", ["policy", "critic", "wrapped"])
+def toy_moe(seed: int):
+    """A Mixtral of 4 experts, 2 a token, whose config asks for the load-balancing loss (as MoE training configs do)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+        max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS))
+
+
+@pytest.mark.parametrize("role", ["policy", "critic", "wrapped", "moe"])
 def test_a_shared_prompt_runs_once_with_the_same_results_and_gradients(role):
     """3 prompts x 3 responses: with `share_prefix` the trunk embeds the 3 prompts once, then the 9 responses
     against their repeated cache; log-probs, entropies, values and gradients equal the full pass's. Under a DDP
-    wrapper with grad, the full pass."""
+    wrapper with grad, the full pass. An MoE policy whose config asks for router logits shares too."""
     torch.manual_seed(0)
-    model = toy_model(0)
+    model = toy_moe(0) if role == "moe" else toy_model(0)
     batch, weights = grouped_batch(), torch.randn(9, 6)
     if role == "critic":
         model = toy_critic(model)
