@@ -122,6 +122,9 @@ class RolloutConfig(Strict):
     url: Optional[str] = Field(None, description="vllm-server: use this running server instead of starting one")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM's share of GPU memory")
     max_model_len: int = Field(1024, gt=0)
+    enforce_eager: Optional[bool] = Field(None, description=(
+        "vLLM's enforce_eager: unset = eager on CPU (compiling costs 1-2 min at start), compiled on GPU; false "
+        "compiles on CPU too, for runs that decode for minutes (bench/README.md: 2.66x HF's tok/s at batch 64)"))
 
 
 class LaunchConfig(Strict):

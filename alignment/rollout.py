@@ -101,7 +101,8 @@ def make_engine(backend: Backend, model_path: str, *, tokenizer=None, model: tor
                 dtype: str = "float32", max_model_len: int = 1024, seed: int = 0, **engine_kwargs) -> Engine:
     """Build a rollout engine. `model` is the live policy: `hf` generates with it directly, the vLLM engines
     start from `model_path` and take its weights at once. `engine_kwargs` go to `vllm.LLM` (vllm) or are
-    `url=`, `gpu_memory_utilization=`, `extra_args=[...]`, `startup_timeout=` (vllm-server); hf takes none."""
+    `url=`, `gpu_memory_utilization=`, `enforce_eager=`, `extra_args=[...]`, `startup_timeout=` (vllm-server); hf
+    takes none and ignores them."""
     backend = resolve_backend(backend)
     if backend == "hf":
         return HFEngine(model_path, tokenizer=tokenizer, model=model, dtype=dtype)
@@ -576,7 +577,7 @@ class VLLMServerEngine:
 
     def __init__(self, model_path: str, *, url: str | None = None, dtype: str = "float32",
                  max_model_len: int = 1024, seed: int = 0, gpu_memory_utilization: float | None = None,
-                 extra_args: list[str] = (), startup_timeout: float = 300):
+                 enforce_eager: bool | None = None, extra_args: list[str] = (), startup_timeout: float = 300):
         from alignment import procs
 
         self.dtype = getattr(torch, dtype)
@@ -601,7 +602,8 @@ class VLLMServerEngine:
                 "--seed", str(seed), "--logprobs-mode", "processed_logprobs",
                 "--generation-config", "vllm",  # ignore the model's sampling defaults (e.g. repetition_penalty)
                 "--worker-extension-cls", f"{__name__}.VLLMWorkerExtension",
-                *(["--enforce-eager", "--no-enable-chunked-prefill"] if _on_cpu() else []),  # as VLLMEngine
+                *(["--enforce-eager"] if (_on_cpu() if enforce_eager is None else enforce_eager) else []),  # as VLLMEngine
+                *(["--no-enable-chunked-prefill"] if _on_cpu() else []),
                 *(["--gpu-memory-utilization", str(gpu_memory_utilization)] if gpu_memory_utilization else []),
                 *extra_args,
             ]

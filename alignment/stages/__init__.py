@@ -244,6 +244,7 @@ class StageContext:
             max_model_len=cfg.max_model_len, seed=seed,
             **({"url": cfg.url} if cfg.url else {}),
             **({"gpu_memory_utilization": cfg.gpu_memory_utilization} if cfg.backend != "hf" else {}),
+            **({"enforce_eager": cfg.enforce_eager} if cfg.enforce_eager is not None else {}),
         )
 
     def trainer_rollouts(self, tokenizer, *, seed: int):

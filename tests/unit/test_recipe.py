@@ -199,6 +199,31 @@ def test_generating_methods_get_a_full_rollout_section(tmp_path):
     assert args["per_device_train_batch_size"] == 8 and args["num_generations"] == 4 and args["reward_weights"] == [1.0]
 
 
+@pytest.mark.parametrize("enforce_eager", [None, False, True])
+def test_rollout_enforce_eager_reaches_the_vllm_engine_when_set(tmp_path, monkeypatch, enforce_eager):
+    """`rollout.enforce_eager` (vLLM's name) goes to the engine when set; unset leaves vLLM's CPU / GPU default
+    (alignment.rollout); a non-boolean is a recipe error naming the key."""
+    import torch
+
+    from alignment import rollout
+    from alignment.stages import StageContext, load_stages
+    from tests.helpers import write_jsonl, write_recipe
+
+    load_stages()
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "1+1=", "answer": "2"}])
+    spec = {"backend": "vllm", **({} if enforce_eager is None else {"enforce_eager": enforce_eager})}
+    stages = {"grpo": {"method": "grpo", "data": ["prompts"], "rewards": [{"name": "math_accuracy"}], "rollout": spec}}
+    path = write_recipe(tmp_path, "some/model", stages, data={"prompts": {"path": "prompts.jsonl"}})
+    seen = {}
+    monkeypatch.setattr(rollout, "make_engine", lambda backend, model_path, **kwargs: seen.update(kwargs))
+    ctx = StageContext(recipe=load_recipe(path), name="grpo", run_dir=tmp_path / "runs")
+    ctx.rollout_engine(type("Policy", (), {"dtype": torch.float32})(), None, seed=0)
+    assert seen.get("enforce_eager", "unset") == ("unset" if enforce_eager is None else enforce_eager)
+    if enforce_eager is None:
+        path.write_text(path.read_text().replace("backend: vllm", "backend: vllm\n      enforce_eager: maybe"))
+        assert "stages.grpo.rollout.enforce_eager" in error_of(path)
+
+
 def test_trl_args_are_typed_and_built_at_validate_time(tmp_path):
     """What the trainer would refuse at construction fails in validate, with the key and line; YAML 1.1's
     `1e-3` (a string) is the number the user meant."""
