@@ -215,6 +215,8 @@ def summarise(rows: dict, steps: dict, generate: dict | None) -> list[dict]:
     if generate:
         lines.append({"what": "generate tok/s at batch 64: vllm / hf", "ratio": generate["vllm_over_hf"],
                       "goal": GOAL_VLLM, "lower_is_better": False})
+        lines.append({"what": "generate tok/s at batch 64: vllm compiled (enforce_eager: false) / hf",
+                      "ratio": generate["vllm_compiled_over_hf"], "goal": GOAL_VLLM, "lower_is_better": False})
     for line in lines:
         lower = line.pop("lower_is_better", True)
         goal = line["goal"]
@@ -238,13 +240,19 @@ def markdown(result: dict) -> str:
 
 def generate_bench(out: Path, dtype: str, log: Path) -> dict:
     """bench/rollout_bench.py (hf and in-process vllm, all cores: vLLM binds its own threads), read back:
-    greedy tok/s at batch 64 and their ratio."""
-    argv = [sys.executable, str(ROOT / "bench" / "rollout_bench.py"), "--engines", "hf", "vllm", "--dtype", dtype,
-            "--out", str(out)]
-    measure(argv, cpus=None, log=log)
-    rows = {r["engine"]: r for r in json.loads(out.read_text())["rows"]}
-    hf, vllm = rows["hf"]["tok_per_s_batch64"], rows["vllm"]["tok_per_s_batch64"]
-    return {"hf_tok_s": hf, "vllm_tok_s": vllm, "vllm_over_hf": vllm / hf}
+    greedy tok/s at batch 64 and their ratio; then again with vLLM compiled (`rollout.enforce_eager: false`, which
+    CPU runs ask for), against the HF run beside it. The compiled run's rows go to `out` with a `-compiled` suffix."""
+    result = {}
+    for compiled in (False, True):
+        path = out.with_name(out.stem + ("-compiled" if compiled else "") + out.suffix)
+        argv = [sys.executable, str(ROOT / "bench" / "rollout_bench.py"), "--engines", "hf", "vllm", "--dtype", dtype,
+                "--out", str(path), *(["--compile"] if compiled else [])]
+        measure(argv, cpus=None, log=log)
+        rows = [r["tok_per_s_batch64"] for r in json.loads(path.read_text())["rows"]]  # hf, then vllm
+        key = "vllm_compiled" if compiled else "vllm"
+        result |= {f"hf_tok_s{'_compiled_run' if compiled else ''}": rows[0], f"{key}_tok_s": rows[1],
+                   f"{key}_over_hf": rows[1] / rows[0]}
+    return result
 
 
 def main() -> None:
