@@ -8,9 +8,9 @@ median alignkit / median TRL.
 
     .venv/bin/python bench/bench.py [--quick] [--repeats N] [--cpus 0] [--methods sft grpo ppo] [--out-dir bench/results]
 
-Cases: SFT alignkit vs raw TRL (bench/raw_trl.py); GRPO alignkit vs raw TRL at the same rollout size (HF
-generate on both sides); PPO vs GRPO (alignkit) at that rollout size; vLLM vs HF generate at batch 64
-(bench/rollout_bench.py; skipped in --quick). Full: the bundled SmolLM2-135M-Instruct on the quick-start data.
+Cases: SFT alignkit vs raw TRL (bench/raw_trl.py); GRPO alignkit vs raw TRL at the same rollout size and KL
+term (HF generate on both sides); PPO vs GRPO (alignkit) at that rollout size and KL term; vLLM (eager, then
+compiled) vs HF generate at batch 64 (bench/rollout_bench.py; skipped in --quick). Full: the bundled SmolLM2-135M-Instruct on the quick-start data.
 --quick: a tiny random Llama at SmolLM2's real vocabulary (49152), where the log-prob memory is the real one
 and the trunk's is nothing; a few steps, no vLLM -- the test suite runs it to prove the script works.
 Writes bench/results/bench[-quick].json and .md, and prints the Markdown table.
