@@ -173,6 +173,7 @@ def test_a_groups_prompt_runs_once_with_the_same_loss_and_gradient(tmp_path, tin
     the 2 prompts once and the 8 completions against their repeated cache, and the LM head projects the completion
     tokens only; the loss (policy and reference log-probs) and every gradient are TRL's plain pass's."""
     import torch
+    from trl.trainer import utils
 
     from alignment.stages.grpo import SharePromptForward
 
@@ -182,8 +183,6 @@ def test_a_groups_prompt_runs_once_with_the_same_loss_and_gradient(tmp_path, tin
     mask[4:, :2] = 0
     inputs |= {"prompt_ids": prompts.masked_fill(mask == 0, 0), "prompt_mask": mask,
                "advantages": torch.tensor([0.5, -0.5, 0.2, -0.2, 1.2, -0.4, -0.4, -0.4])}
-    from trl.trainer import utils
-
     projected = []  # positions each call of TRL's fused LM head projects through the vocabulary
 
     class Counting(utils._ChunkedLogProbFunction):
