@@ -79,7 +79,9 @@ def run(
     planning = (recipe, stage, force, run_dir, gpu_mem, no_memory_check, num_machines, machine_rank, main_process_ip,
                 main_process_port)
     if plan_to is not None:  # the child of `_plan_in_child`: plan, say so, then serve the run's first command
-        plan_to.write_text(json.dumps(_plan_run(*planning)))
+        with procs.startup_without_gc():  # a process of its own: torch, transformers and TRL import here
+            plan = _plan_run(*planning)
+        plan_to.write_text(json.dumps(plan))
         if serve_fd is not None:
             import socket
 

@@ -32,13 +32,16 @@ def main(argv: list[str] | None = None) -> int:
         # guards the launcher: the rank (and all it starts) must die with the launcher all the same
         guard_own_group(os.getppid())
 
-    import transformers
+    from alignment.procs import startup_without_gc
 
-    from alignment.data import DataError
-    from alignment.recipe import RecipeError
-    from alignment.rundir import RunDir
-    from alignment.stages import StageInputError
-    from alignment.stages import STAGES, StageContext, load_stages
+    with startup_without_gc():  # this process's own start-up (also run by a planning child that imported all)
+        import transformers
+
+        from alignment.data import DataError
+        from alignment.recipe import RecipeError
+        from alignment.rundir import RunDir
+        from alignment.stages import StageInputError
+        from alignment.stages import STAGES, StageContext, load_stages
 
     from rewards import RewardError
 

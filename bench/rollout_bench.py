@@ -3,7 +3,7 @@ engine follows the policy after a sync (mean |engine log-prob - trainer log-prob
 `sampling_logp_difference`, before and after syncing perturbed weights).
 
     .venv/bin/python bench/rollout_bench.py [--model PATH] [--engines hf vllm vllm-server] [--compile]
-        [--out FILE.json]
+        [--repeats 3] [--out FILE.json]
 
 The default model is the bundled SmolLM2-135M-Instruct (`make demo` puts it in the cache), in the precision the
 quick start trains in here (`bf16: auto`: bf16 where the CPU or GPU has it natively, else fp32).
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def trainer_logprob_diff(policy, completions) -> float:
     return torch.cat(gaps).mean().item()
 
 
-def bench_engine(name: str, model_path: str, dtype: str, policy, perturbed, prompts, compiled: bool = False) -> dict:
+def bench_engine(name: str, model_path: str, dtype: str, policy, perturbed, prompts, compiled: bool = False,
+                 repeats: int = 3) -> dict:
     from alignment.rollout import SamplingConfig, make_engine
 
     greedy = SamplingConfig(max_new_tokens=64, temperature=0)
@@ -47,11 +49,14 @@ def bench_engine(name: str, model_path: str, dtype: str, policy, perturbed, prom
     engine = make_engine(name, model_path, dtype=dtype, **kwargs)  # hf loads its own copy: its sync copies weights
     row = {"engine": name + (" (compiled)" if kwargs else ""), "startup_s": time.perf_counter() - started}
     engine.generate(prompts[:2], SamplingConfig(max_new_tokens=4, temperature=0))  # first-call warm-up
-    for batch in (8, 64):
-        started = time.perf_counter()
-        outputs = engine.generate(prompts[:batch], greedy)
-        tokens = sum(len(c.completion_ids) for per_prompt in outputs for c in per_prompt)
-        row[f"tok_per_s_batch{batch}"] = tokens / (time.perf_counter() - started)
+    for batch in (8, 64):  # the median of `repeats` timed calls: one call varies by ~10 % here
+        rates = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            outputs = engine.generate(prompts[:batch], greedy)
+            tokens = sum(len(c.completion_ids) for per_prompt in outputs for c in per_prompt)
+            rates.append(tokens / (time.perf_counter() - started))
+        row[f"tok_per_s_batch{batch}"] = statistics.median(rates)
     sample = [per_prompt[0] for per_prompt in engine.generate(prompts[:8], greedy)]
     row["logprob_diff_synced"] = trainer_logprob_diff(policy, sample)
     sample = [per_prompt[0] for per_prompt in engine.generate(prompts[:8], greedy)]
@@ -73,6 +78,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="in-process vllm with torch.compile (enforce_eager=False), as vllm.LLM defaults to; "
                              "alignkit runs it eager on CPU, where compiling costs 40-70 s of start-up")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per batch size (their median is kept)")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     if args.dtype is None:
@@ -97,14 +103,15 @@ def main() -> None:
         for param in perturbed.parameters():
             param.add_(0.02 * param.float().std() * torch.randn_like(param))
 
-    rows = [bench_engine(name, args.model, args.dtype, policy, perturbed, prompts, args.compile)
+    rows = [bench_engine(name, args.model, args.dtype, policy, perturbed, prompts, args.compile, args.repeats)
             for name in args.engines]
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
     if args.out:
-        meta = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(), "max_new_tokens": 64}
+        meta = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(), "max_new_tokens": 64,
+                "repeats": args.repeats}
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
 

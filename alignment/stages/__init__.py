@@ -285,13 +285,16 @@ class StageContext:
             self.trackers.finish()
 
     def skip_nonfinite(self, parameters, step: int) -> bool:
-        """Before an optimizer step: when a gradient is NaN or inf (a non-finite loss), drop every gradient
-        (`grad = None`: the optimizer leaves those weights and their moments alone), count it in
-        `skipped_steps` (logged with each row) and say so. Returns whether the step is skipped."""
+        """Before an optimizer step: when the gradients' total norm is not finite (a NaN or inf gradient, from a
+        non-finite loss: the `grad_norm` TRL logs), drop every gradient (`grad = None`: the optimizer leaves those
+        weights and their moments alone), count it in `skipped_steps` (logged with each row) and say so. One fused
+        norm over all gradients (`torch.nn.utils.get_total_norm`, as `clip_grad_norm_`): ~2 ms a step for a LoRA's
+        400 tensors, where a check per tensor took ~25. Returns whether the step is skipped."""
         import torch
 
         grads = [p.grad for p in parameters if p.grad is not None]
-        if all(bool(torch.isfinite(g).all()) for g in grads):
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if bool(torch.isfinite(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)):  # DTensor: FSDP2
             return False
         for p in parameters:
             p.grad = None
@@ -510,7 +513,7 @@ class StageCallback(TrainerCallback):
     (`ctx.check_rewards`)."""
 
     def __init__(self, ctx: StageContext):
-        self.ctx, self.progress = ctx, None
+        self.ctx, self.progress, self.trainable = ctx, None, None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -527,7 +530,9 @@ class StageCallback(TrainerCallback):
         self.progress.update(state.global_step, metrics)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.ctx.skip_nonfinite(list(model.parameters()), state.global_step + 1)
+        if self.trainable is None:  # the same tensors every step: listing ~3,000 of them took ~13 ms a step
+            self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.ctx.skip_nonfinite(self.trainable, state.global_step + 1)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:

@@ -175,3 +175,28 @@ def test_a_warm_child_that_died_is_replaced_by_a_fresh_start(tmp_path):
     launcher._child.wait()
     proc = launcher.spawn([sys.executable, "-m", "json.tool", "--help"], pass_fds=[])
     assert not launcher.is_warm(proc) and launcher.wait(proc) == 0
+
+
+def test_startup_without_gc_pauses_collection_then_freezes_what_lived(tmp_path):
+    """In a process of its own (the helper freezes every live object): no collection runs inside the block, the
+    collector is back on after it -- an exception too -- and later full collections skip the frozen objects."""
+    script = textwrap.dedent("""
+        import gc
+        from alignment.procs import startup_without_gc
+
+        runs = []
+        gc.callbacks.append(lambda phase, info: runs.append(info["generation"]) if phase == "start" else None)
+        with startup_without_gc():
+            kept = [[i] for i in range(300_000)]  # far past gen 0's threshold: collections would run
+            assert not gc.isenabled()
+        assert runs == [] and gc.isenabled() and gc.get_freeze_count() >= len(kept)
+        try:
+            with startup_without_gc():
+                raise RuntimeError("boom")
+        except RuntimeError:
+            pass
+        assert gc.isenabled()
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -302,3 +302,6 @@ def test_a_step_with_non_finite_gradients_is_skipped_and_counted(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters())) and ctx.skipped_steps == 1
     layer(torch.tensor([[1.0, 2.0]])).sum().backward()
     assert ctx.skip_nonfinite(list(layer.parameters()), 2) is False and ctx.skipped_steps == 1
+    layer.bias.grad[0] = math.inf  # one inf in one of the tensors, the others finite
+    assert ctx.skip_nonfinite(list(layer.parameters()), 3) is True and ctx.skipped_steps == 2
+    assert layer.weight.grad is None and layer.bias.grad is None
