@@ -61,6 +61,7 @@ except ProcessLookupError:
     pass
 """
 
+
 @contextlib.contextmanager
 def startup_without_gc():
     """A process's own start-up -- importing torch, transformers, TRL and peft, planning -- with Python's cyclic

@@ -35,8 +35,8 @@ DATA = ROOT / "recipes" / "quickstart" / "data"
 GOALS = {"cpu_s": 1.02, "peak_gb": 1.05}  # alignkit / raw TRL; RL peak: GOAL_RL_PEAK x raw TRL GRPO
 GOAL_RL_PEAK, GOAL_PPO_STEP, GOAL_VLLM = 0.5, 1.3, 2.5
 METHODS = ("sft", "grpo", "ppo")  # the cases' prefixes (`cases`)
-# runs per case in a full bench: SFT's ~50 s runs vary by ~2 % run to run, as much as its CPU goal's margin, so
-# it takes the median of 4 (3.5 min more); the RL cases' ratios are far from their goals
+# runs per case in a full bench: SFT's ~50 s runs vary by up to ~5 % run to run, more than its CPU goal's margin,
+# so it takes the median of 4 (3.5 min more); the RL cases' ratios are far from their goals
 FULL_REPEATS = {"sft": 4, "grpo": 2, "ppo": 2}
 
 

@@ -177,9 +177,9 @@ def test_a_warm_child_that_died_is_replaced_by_a_fresh_start(tmp_path):
     assert not launcher.is_warm(proc) and launcher.wait(proc) == 0
 
 
-def test_startup_without_gc_pauses_collection_then_freezes_what_lived(tmp_path):
+def test_startup_without_gc_pauses_collection_then_freezes_what_lived():
     """In a process of its own (the helper freezes every live object): no collection runs inside the block, the
-    collector is back on after it -- an exception too -- and later full collections skip the frozen objects."""
+    collector is back on after it -- an exception too -- and what lived through the block is frozen."""
     script = textwrap.dedent("""
         import gc
         from alignment.procs import startup_without_gc
