@@ -285,8 +285,8 @@ class StageContext:
             self.trackers.finish()
 
     def skip_nonfinite(self, parameters, step: int) -> bool:
-        """Before an optimizer step: when the gradients' total norm is not finite (a NaN or inf gradient, from a
-        non-finite loss: the `grad_norm` TRL logs), drop every gradient (`grad = None`: the optimizer leaves those
+        """Before an optimizer step (after the Trainer's clipping): when the gradients' total norm is not finite (a
+        NaN or inf gradient, from a non-finite loss), drop every gradient (`grad = None`: the optimizer leaves those
         weights and their moments alone), count it in `skipped_steps` (logged with each row) and say so. One fused
         norm over all gradients (`torch.nn.utils.get_total_norm`, as `clip_grad_norm_`): ~2 ms a step for a LoRA's
         400 tensors, where a check per tensor took ~25. Returns whether the step is skipped."""
